@@ -1,0 +1,250 @@
+"""Typed configuration: one dataclass per stage, read from ``params.yaml``.
+
+Each field has a one-line docstring-comment. Unknown keys and wrong types fail with an error naming the file and the
+key, before any stage does work. Derived sizes are computed (and checked for exact division) in one place:
+:meth:`PPOConfig.derived`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml; the message names the file and the key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded GPT-2-style model built from scratch (0.85 M parameters at the defaults)."""
+
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # hidden size
+    n_positions: int = 64  # longest prompt + response the model accepts
+
+
+@dataclass
+class PrepareConfig:
+    """Stage `prepare`: corpus, prompts, tokenizer and base model."""
+
+    base_model: str = "embedded"  # "embedded" (tiny GPT-2 built here) or a Hub id / local path, e.g. "gpt2"
+    dataset: str = "embedded"  # "embedded" (generated review corpus) or a Hub id / local path of demonstrations
+    dataset_split: str = "train"  # split read from `dataset`
+    prompts_dataset: str = ""  # optional separate prompt source for PPO/evaluation ("" = prompts of `dataset`)
+    eval_fraction: float = 0.05  # held-out share of a real dataset (embedded: sizes below)
+    max_rows: int = 0  # cap on rows read from a real dataset (0 = all)
+    n_demonstrations: int = 20000  # embedded: SFT demonstrations generated
+    n_train_prompts: int = 2048  # embedded: prompts for pair sampling and PPO
+    n_eval_prompts: int = 256  # embedded: held-out prompts for evaluation
+    vocab_size: int = 512  # embedded: byte-level BPE vocabulary cap (every grammar word becomes one token)
+    max_prompt_tokens: int = 24  # longer prompts are an error (named with file and row), not silently cut
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)  # embedded model shape
+
+
+@dataclass
+class SFTConfig:
+    """Stage `sft`: supervised fine-tuning on demonstrations (loss on response tokens only)."""
+
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 64  # demonstrations per step
+    learning_rate: float = 3e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 10 %
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    eval_every: int = 500  # steps between held-out loss evaluations
+
+
+@dataclass
+class SamplePairsConfig:
+    """Stage `sample_pairs`: K responses per prompt sampled from the SFT policy."""
+
+    n_prompts: int = 2048  # training prompts used (0 = all)
+    samples_per_prompt: int = 4  # K; the labeller compares all K·(K−1)/2 pairs
+    temperature: float = 1.0  # sampling temperature
+    max_new_tokens: int = 24  # response length cap
+    batch_size: int = 256  # prompts per generation batch
+
+
+@dataclass
+class LabelConfig:
+    """Stage `label`: preference labels for the sampled pairs (or imported preference data)."""
+
+    annotator: str = "simulated"  # simulated | dataset | human
+    gold: str = "rlhf.embedded:gold_score"  # simulated: `module:callable` (prompt, response) -> float
+    temperature: float = 1.0  # simulated: Bradley–Terry noise, P(a≻b) = σ((g_a − g_b)/temperature); 0 = noiseless
+    flip_prob: float = 0.0  # simulated: extra uniform label-flip probability
+    dataset: str = ""  # dataset: Hub id or local path of preference data (hh-rlhf, prompt/chosen/rejected, messages)
+    dataset_split: str = "train"  # dataset: split to read
+    labels_file: str = "data/human_labels/labels.jsonl"  # human: labels appended by the labelling flow
+    eval_fraction: float = 0.1  # held-out share of the preference pairs (reward-model accuracy)
+    max_rows: int = 0  # dataset: cap on imported rows (0 = all)
+
+
+@dataclass
+class RewardConfig:
+    """Stage `reward`: Bradley–Terry reward model initialised from the SFT model."""
+
+    epochs: int = 2  # passes over the preference pairs
+    batch_size: int = 64  # pairs per step
+    learning_rate: float = 1e-3  # peak AdamW learning rate (linear decay)
+    warmup_steps: int = 50  # linear warm-up
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    max_length: int = 64  # prompt + response + EOS tokens; longer pairs are an error
+
+
+@dataclass
+class PPOConfig:
+    """Stage `ppo`: PPO with a per-token KL penalty to the frozen SFT reference (DESIGN §4)."""
+
+    iterations: int = 100  # rollout → optimise cycles
+    rollout_batch_size: int = 128  # episodes per iteration, over all processes
+    num_minibatches: int = 4  # minibatches per PPO epoch (global)
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch on each process
+    ppo_epochs: int = 4  # K epochs over each rollout batch, reshuffled every epoch
+    learning_rate: float = 3e-4  # peak AdamW learning rate
+    anneal_lr: bool = True  # linear decay to 0 over the iterations
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    response_length: int = 24  # tokens generated per episode
+    temperature: float = 1.0  # sampling temperature; logprobs use logits / temperature
+    clip_range: float = 0.2  # ε of the clipped surrogate
+    clip_range_value: float = 0.2  # ε_v of the clipped value loss
+    vf_coef: float = 0.1  # c1, value-loss coefficient
+    ent_coef: float = 0.0  # c2, entropy-bonus coefficient
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE λ
+    whiten_rewards: bool = False  # whiten per-token rewards before GAE
+    kl_coef: float = 0.1  # β (initial value when adaptive)
+    kl_estimator: str = "k1"  # k1 = logp − logp_ref (unbiased), k3 = (r − 1) − log r (low variance, ≥ 0)
+    adaptive_kl: bool = True  # Ziegler et al. 2019 proportional controller
+    kl_target: float = 4.0  # adaptive: target sequence KL in nats
+    kl_horizon: int = 10000  # adaptive: horizon in episodes
+    missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
+    value_init: str = "reward"  # critic head initialised from the reward model ("reward") or zero ("zero")
+    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (see configs/)
+
+    def derived(self, world_size: int) -> dict[str, int]:
+        """Per-process sizes; every division must be exact.
+
+        e.g. 128 episodes / 1 process = 128 local; / 4 minibatches = 32 per minibatch; / 1 accumulation = 32 micro.
+        """
+        local_batch = _exact_div(self.rollout_batch_size, world_size, "ppo.rollout_batch_size", "processes")
+        minibatch = _exact_div(local_batch, self.num_minibatches, "local rollout batch", "ppo.num_minibatches")
+        micro_batch = _exact_div(minibatch, self.gradient_accumulation_steps, "minibatch", "ppo.gradient_accumulation_steps")
+        return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage `evaluate`: SFT vs PPO policy on held-out prompts."""
+
+    n_prompts: int = 256  # held-out prompts (0 = all)
+    samples_per_prompt: int = 2  # sampled responses per prompt and policy
+    temperature: float = 1.0  # sampling temperature (as in training)
+    max_new_tokens: int = 24  # response length cap
+    gold: str = "rlhf.embedded:gold_score"  # `module:callable` gold judge ("" = no gold metrics)
+    validity: str = "rlhf.embedded:is_valid"  # `module:callable` (prompt, response) -> bool ("" = only "ended with EOS")
+    n_samples_table: int = 12  # rows in the sample table
+    batch_size: int = 256  # prompts per generation batch
+
+
+@dataclass
+class ReleaseConfig:
+    """Stage `release`: Hub-ready folder with weights, tokenizer and model card."""
+
+    model_name: str = "rlhf-pipeline-embedded-ppo"  # name used in the model card
+    license: str = "apache-2.0"  # card metadata
+    language: str = "en"  # card metadata
+
+
+@dataclass
+class Params:
+    """All of params.yaml."""
+
+    seed: int = 0  # global seed; each stage derives its own streams from it
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample_pairs: SamplePairsConfig = field(default_factory=SamplePairsConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+
+
+def _exact_div(numerator: int, denominator: int, what: str, by: str) -> int:
+    if denominator <= 0 or numerator % denominator:
+        raise ConfigError(f"params.yaml: {what} ({numerator}) must be divisible by {by} ({denominator})")
+    return numerator // denominator
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation (ints are accepted for floats)."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, annotation)
+    if not ok:
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (missing keys take the documented defaults)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    params = _build(Params, raw, str(path))
+    _validate(params, str(path))
+    return params
+
+
+def _validate(params: Params, where: str) -> None:
+    checks = [
+        (params.label.annotator in {"simulated", "dataset", "human"}, "label.annotator must be simulated, dataset or human"),
+        (params.ppo.kl_estimator in {"k1", "k3"}, "ppo.kl_estimator must be k1 or k3"),
+        (params.ppo.value_init in {"reward", "zero"}, "ppo.value_init must be reward or zero"),
+        (params.sample_pairs.samples_per_prompt >= 2, "sample_pairs.samples_per_prompt must be at least 2"),
+        (params.ppo.temperature > 0 and params.sample_pairs.temperature > 0, "temperatures must be positive"),
+        (0 < params.label.eval_fraction < 1, "label.eval_fraction must be in (0, 1)"),
+        (params.label.annotator != "dataset" or bool(params.label.dataset), "label.dataset is required when label.annotator is dataset"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {problem}")
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A config (or Params) as plain data, e.g. for model cards and metrics files."""
+    return dataclasses.asdict(obj)
+

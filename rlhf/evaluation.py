@@ -1,0 +1,138 @@
+"""Evaluation: the trained policy against the SFT policy on held-out prompts, proxy (RM) and gold side by side."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf import ppo
+from rlhf.modeling import RewardNormalization, encode_prompts
+from rlhf.rollout import generate_responses, response_logprobs, reward_scores
+
+
+@dataclass
+class Samples:
+    """Sampled responses of one policy; n = prompts × samples per prompt, in prompt-major order."""
+
+    prompts: list[str]
+    responses: list[str]  # decoded, special tokens removed
+    finished: list[bool]  # emitted EOS within the length cap
+    lengths: list[int]  # response tokens including the EOS
+    rm_scores: list[float]  # normalised reward-model score
+    kl_to_reference: list[float]  # Σ_t log π(y_t) − log π_ref(y_t) for this sample (sequence k1 estimate)
+
+
+@torch.no_grad()
+def sample_and_score(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    normalization: RewardNormalization,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 256,
+) -> Samples:
+    """Sample ``samples_per_prompt`` responses per prompt and score them with the RM and the reference."""
+    torch.manual_seed(seed)
+    expanded = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    out = Samples([], [], [], [], [], [])
+    for start in range(0, len(expanded), batch_size):
+        chunk = expanded[start : start + batch_size]
+        query_ids, query_mask = encode_prompts(tokenizer, chunk)
+        raw = generate_responses(policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        args = (query_ids, query_mask, responses, mask)
+        policy_logprobs = response_logprobs(policy, *args, temperature)[0]
+        reference_logprobs = response_logprobs(reference, *args, temperature)[0]
+        out.prompts += chunk
+        out.responses += tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+        out.finished += finished.tolist()
+        out.lengths += mask.sum(1).tolist()
+        out.rm_scores += reward_scores(reward_model, normalization, *args).tolist()
+        out.kl_to_reference += ((policy_logprobs - reference_logprobs) * mask).sum(1).tolist()
+    return out
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
+    """Share of paired comparisons a wins, ties counting half."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError("win_rate needs two equally long, non-empty score lists")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b))
+    return wins / len(scores_a)
+
+
+def distinct_fraction(texts: list[str]) -> float:
+    """Unique responses / responses (mode narrowing shows up here)."""
+    return len(set(texts)) / max(1, len(texts))
+
+
+def compare_policies(
+    policy: Samples,
+    sft: Samples,
+    gold: Callable[[str, str], float] | None,
+    is_valid: Callable[[str, str], bool] | None,
+) -> dict[str, float]:
+    """Metrics of ``policy`` vs ``sft`` (paired sample by sample, same prompts in the same order)."""
+    mean = statistics.fmean
+    metrics: dict[str, float] = {
+        "n_prompts": len(set(policy.prompts)),
+        "n_samples": len(policy.prompts),
+        "rm_score_policy": mean(policy.rm_scores),
+        "rm_score_sft": mean(sft.rm_scores),
+        "rm_win_rate": win_rate(policy.rm_scores, sft.rm_scores),
+        "kl_to_ref": mean(policy.kl_to_reference),
+        "eos_rate_policy": mean(map(float, policy.finished)),
+        "eos_rate_sft": mean(map(float, sft.finished)),
+        "response_length_policy": mean(policy.lengths),
+        "response_length_sft": mean(sft.lengths),
+        "distinct_policy": distinct_fraction(policy.responses),
+        "distinct_sft": distinct_fraction(sft.responses),
+    }
+
+    def valid(samples: Samples) -> list[bool]:
+        checks = zip(samples.prompts, samples.responses, samples.finished)
+        return [done and (is_valid is None or is_valid(p, r)) for p, r, done in checks]
+
+    metrics["valid_rate_policy"] = mean(map(float, valid(policy)))
+    metrics["valid_rate_sft"] = mean(map(float, valid(sft)))
+    if gold is not None:
+        gold_policy = [gold(p, r) for p, r in zip(policy.prompts, policy.responses)]
+        gold_sft = [gold(p, r) for p, r in zip(sft.prompts, sft.responses)]
+        sft_std = statistics.pstdev(gold_sft)
+        metrics.update(
+            {
+                "gold_win_rate": win_rate(gold_policy, gold_sft),
+                "gold_score_policy": mean(gold_policy),
+                "gold_score_sft": mean(gold_sft),
+                "gold_score_sft_std": sft_std,
+                "gold_gain_in_sft_std": (mean(gold_policy) - mean(gold_sft)) / sft_std if sft_std > 0 else 0.0,
+            }
+        )
+    return metrics
+
+
+def samples_table(policy: Samples, sft: Samples, gold: Callable[[str, str], float] | None, n_rows: int) -> str:
+    """Markdown table of the first ``n_rows`` paired samples with their scores."""
+    header = "| prompt | SFT | PPO | RM SFT | RM PPO | gold SFT | gold PPO |\n|---|---|---|---|---|---|---|\n"
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ").strip() or "∅"
+
+    rows = []
+    for i in range(min(n_rows, len(policy.prompts))):
+        p = policy.prompts[i]
+        gold_sft = f"{gold(p, sft.responses[i]):.2f}" if gold else "–"
+        gold_ppo = f"{gold(p, policy.responses[i]):.2f}" if gold else "–"
+        rows.append(
+            f"| {cell(p)} | {cell(sft.responses[i])} | {cell(policy.responses[i])} | "
+            f"{sft.rm_scores[i]:.2f} | {policy.rm_scores[i]:.2f} | {gold_sft} | {gold_ppo} |"
+        )
+    return header + "\n".join(rows) + "\n"

@@ -1,0 +1,194 @@
+"""Models and tokenisation shared by the stages: the policy (a causal LM), scalar models (reward model and critic:
+a sequence-classification model with one output, read per token), and batch encoding with explicit masks.
+
+Padding is never inferred from token ids (the pad may equal EOS for real tokenizers such as GPT-2's); every function
+takes an attention mask, and position ids are derived from it so left-padded queries see positions 0, 1, 2, …
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config import TinyModelConfig
+
+REWARD_NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_tiny_gpt2(shape: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> GPT2LMHeadModel:
+    """A GPT-2-style model initialised from scratch, dropout off (PPO needs deterministic logprobs)."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=shape.n_positions,
+        n_embd=shape.n_embd,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    set_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (N implementation details of RLHF, §"Disable dropout")."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding (generation) and a pad token (EOS when the tokenizer has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(path: str | Path) -> PreTrainedModel:
+    """A causal LM from a save_pretrained folder, dropout off."""
+    return disable_dropout(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
+
+
+def load_scalar_model(path: str | Path, pad_token_id: int | None = None) -> PreTrainedModel:
+    """A one-output sequence-classification model (reward model or critic); dropout off.
+
+    From a causal-LM folder (the SFT model) this adds a fresh ``score`` head, as reward models are initialised.
+    """
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return disable_dropout(model)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) mask → (b, t) positions counting only real tokens (left padding gets position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) ids → (b, t, vocab) logits with positions from the mask."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return output.logits
+
+
+def per_token_scalars(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) ids → (b, t) scalar head output at every position (values of a critic, scores of a reward model)."""
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) mask → (b,) index of the last real token (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) ids → (b,) reward-model score read at the last real token (the EOS, not the pad after it)."""
+    scores = per_token_scalars(model, input_ids, attention_mask)
+    return scores.gather(1, last_real_index(attention_mask).clamp(min=0)[:, None]).squeeze(1)
+
+
+@dataclass
+class RewardNormalization:
+    """Affine map applied to raw RM scores so SFT samples score mean 0, std 1 (Ziegler et al. 2019)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, raw_scores: torch.Tensor) -> torch.Tensor:
+        return (raw_scores - self.mean) / self.std
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, REWARD_NORMALIZATION_FILE).write_text(json.dumps({"mean": self.mean, "std": self.std}, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RewardNormalization":
+        path = Path(folder, REWARD_NORMALIZATION_FILE)
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded query ids and mask, (b, q)."""
+    ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    return left_pad(ids, tokenizer.pad_token_id)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists → left-padded (b, t) ids and mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists → right-padded (b, t) ids and mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def encode_prompt_response(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of prompt + response + EOS (the format every stage scores and trains on), and each prompt's length."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    sequences = [p + r + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, response_ids)]
+    return sequences, [len(p) for p in prompt_ids]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

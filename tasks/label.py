@@ -1,0 +1,89 @@
+"""Stage `label`: preference labels → data/preferences/{train,eval}.jsonl.
+
+    python -m tasks.label
+
+Annotators (`label.annotator`):
+- `simulated`: a gold judge (`label.gold`, `module:callable`) plus Bradley–Terry noise labels all pairs of the
+  sampled responses of each prompt;
+- `dataset`: imports public preference data (hh-rlhf `chosen`/`rejected` transcripts, `prompt`/`chosen`/`rejected`,
+  or conversational message lists as in UltraFeedback-binarized) instead of the sampled pairs;
+- `human`: reads the labels people gave through the labelling flow (`label.labels_file`).
+The split into train/eval is by prompt, so no prompt's pairs sit on both sides.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from rlhf import annotators, data
+from rlhf.config import ConfigError, LabelConfig, load_params
+from rlhf.data import DataError
+from rlhf.stage import emit, fail
+
+SAMPLES, OUT_DIR = Path("data/pairs/samples.jsonl"), Path("data/preferences")
+METRICS = Path("metrics/label.json")
+
+
+def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic split keeping all pairs of a prompt on one side (by row when there is a single prompt)."""
+    prompts = sorted({row["prompt"] for row in rows})
+    if len(prompts) < 2:
+        return data.split_train_eval(rows, eval_fraction, seed)
+    random.Random(seed).shuffle(prompts)
+    n_eval = max(1, round(len(prompts) * eval_fraction))
+    held_out = set(prompts[:n_eval])
+    return [r for r in rows if r["prompt"] not in held_out], [r for r in rows if r["prompt"] in held_out]
+
+
+def label_simulated(config: LabelConfig, seed: int) -> tuple[list[dict], dict]:
+    samples = data.read_jsonl(SAMPLES)
+    data.validate_samples(samples, str(SAMPLES))
+    annotator = annotators.make_annotator("simulated", config.gold, config.temperature, config.flip_prob, seed)
+    annotator_id = f"simulated:{config.gold}:tau={config.temperature}:flip={config.flip_prob}"
+    return annotators.label_pairs(samples, annotator, annotator_id)
+
+
+def label_from_dataset(config: LabelConfig) -> tuple[list[dict], dict]:
+    rows = data.load_table(config.dataset, config.dataset_split)
+    rows = rows[: config.max_rows] if config.max_rows else rows
+    records, n_dropped = data.to_preference_records(rows, config.dataset)
+    for record in records:
+        record["annotator"] = f"dataset:{config.dataset}"
+    return records, {"n_pairs": len(records), "n_dropped": n_dropped}
+
+
+def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
+    path = Path(config.labels_file)
+    if not path.exists():
+        raise DataError(f"{path}: no human labels yet; run the labelling flow (`rlhf label`) to collect them")
+    records = data.read_jsonl(path)
+    data.validate_preferences(records, str(path))
+    return records, {"n_pairs": len(records), "n_annotators": len({r.get("annotator") for r in records})}
+
+
+def main() -> None:
+    try:
+        params = load_params()
+        config = params.label
+        if config.annotator == "simulated":
+            records, stats = label_simulated(config, params.seed + 2)
+        elif config.annotator == "dataset":
+            records, stats = label_from_dataset(config)
+        else:
+            records, stats = label_from_humans(config)
+        data.validate_preferences(records, f"labels from the {config.annotator} annotator")
+        train, held_out = split_by_prompt(records, config.eval_fraction, params.seed)
+        if not train or not held_out:
+            raise DataError(f"{config.annotator} annotator: {len(records)} preference pairs are too few to split")
+    except (ConfigError, DataError, ValueError) as error:
+        fail(str(error))
+    data.write_jsonl(OUT_DIR / "train.jsonl", train)
+    data.write_jsonl(OUT_DIR / "eval.jsonl", held_out)
+    metrics = {**stats, "annotator": config.annotator, "n_train": len(train), "n_eval": len(held_out)}
+    data.write_json(METRICS, metrics)
+    emit("label", "metrics", **metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Stage `prepare`: demonstrations, prompts (train/eval), tokenizer and base model.
+
+    python -m tasks.prepare
+
+Embedded default: a generated review corpus, a byte-level BPE trained here, a tiny GPT-2 built from params.
+Real sources: `prepare.base_model` / `prepare.dataset` name a Hub id or a local path (e.g. `gpt2`,
+`Anthropic/hh-rlhf`), loaded with transformers / datasets. Inputs are validated before the model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from rlhf import data, embedded
+from rlhf.config import ConfigError, load_params
+from rlhf.data import DataError
+from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
+from rlhf.stage import emit, fail, replace_folder, staging_folder
+
+SFT_DIR, PROMPTS_DIR, BASE_DIR = Path("data/sft"), Path("data/prompts"), Path("models/base")
+METRICS = Path("metrics/prepare.json")
+
+
+def load_real_dataset(source: str, split: str, eval_fraction: float, max_rows: int, seed: int, render) -> dict[str, list[dict]]:
+    """Demonstrations and prompts from a public dataset (any schema rlhf.data understands)."""
+    rows = data.load_table(source, split)
+    rows = rows[:max_rows] if max_rows else rows
+    demonstrations = data.to_demonstrations(rows, source, render)
+    sft_train, sft_eval = data.split_train_eval(demonstrations, eval_fraction, seed)
+    return {
+        "sft_train": sft_train,
+        "sft_eval": sft_eval,
+        "prompts_train": [{"prompt": r["prompt"]} for r in sft_train],
+        "prompts_eval": [{"prompt": r["prompt"]} for r in sft_eval],
+    }
+
+
+def main() -> None:
+    try:
+        params = load_params()
+    except ConfigError as error:
+        fail(str(error))
+    config, seed = params.prepare, params.seed
+    try:
+        # 1. tokenizer first (cheap): the real one, or for the embedded default one trained on the corpus
+        if config.base_model == "embedded":
+            tokenizer = None
+        else:
+            tokenizer = load_tokenizer(config.base_model)
+        render = data.renderer_for(tokenizer) if tokenizer is not None else data.render_messages
+        # 2. text data
+        if config.dataset == "embedded":
+            corpus = embedded.make_corpus(seed, config.n_demonstrations, config.n_train_prompts, config.n_eval_prompts)
+        else:
+            corpus = load_real_dataset(config.dataset, config.dataset_split, config.eval_fraction, config.max_rows, seed, render)
+            if config.prompts_dataset:
+                prompt_rows = data.to_prompts(data.load_table(config.prompts_dataset, config.dataset_split), config.prompts_dataset, render)
+                corpus["prompts_train"], corpus["prompts_eval"] = data.split_train_eval(prompt_rows, config.eval_fraction, seed)
+        if tokenizer is None:
+            texts = [row["prompt"] + row["response"] for row in corpus["sft_train"]]
+            tokenizer = embedded.train_tokenizer(texts, config.vocab_size)
+            tokenizer.padding_side = "left"
+        # 3. validate before loading or building any model: prompts must fit the model with room to answer
+        source = config.prompts_dataset or config.dataset
+        max_positions = config.model.n_positions if config.base_model == "embedded" else None
+        for name in ("prompts_train", "prompts_eval"):
+            data.validate_prompts(corpus[name], f"{source} ({name})")
+            data.check_lengths([r["prompt"] for r in corpus[name]], tokenizer, config.max_prompt_tokens, f"{source} ({name})", "prompt")
+        for name in ("sft_train", "sft_eval"):
+            data.validate_demonstrations(corpus[name], f"{source} ({name})")
+    except (DataError, ValueError, OSError) as error:
+        fail(str(error))
+    # 4. base model
+    if config.base_model == "embedded":
+        model = build_tiny_gpt2(config.model, tokenizer, seed)
+    else:
+        model = disable_dropout(AutoModelForCausalLM.from_pretrained(config.base_model))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    # 5. outputs
+    for name, rows in corpus.items():
+        folder = SFT_DIR if name.startswith("sft") else PROMPTS_DIR
+        data.write_jsonl(folder / f"{name.split('_', 1)[1]}.jsonl", rows)
+    staging = staging_folder(BASE_DIR)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    replace_folder(staging, BASE_DIR)
+    metrics = {
+        "n_demonstrations_train": len(corpus["sft_train"]),
+        "n_demonstrations_eval": len(corpus["sft_eval"]),
+        "n_prompts_train": len(corpus["prompts_train"]),
+        "n_prompts_eval": len(corpus["prompts_eval"]),
+        "vocab_size": len(tokenizer),
+        "n_parameters": count_parameters(model),
+        "max_positions": max_positions,
+    }
+    data.write_json(METRICS, metrics)
+    emit("prepare", "metrics", **metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Stage `release`: a Hub-ready folder (safetensors weights, tokenizer, config, generation config, model card).
+
+    python -m tasks.release
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from rlhf.card import build_model_card, lineage_from_lock, read_json
+from rlhf.config import ConfigError, as_dict, load_params
+from rlhf.stage import emit, fail, replace_folder, staging_folder
+
+POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
+UPSTREAM = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate"]
+RELEASE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    try:
+        params = load_params()
+    except ConfigError as error:
+        fail(str(error))
+    missing = [name for name in ("model.safetensors", "config.json") if not (POLICY / name).exists()]
+    if missing:
+        fail(f"{POLICY}: missing {missing}; run the ppo stage first")
+    staging = staging_folder(OUT_DIR)
+    for path in POLICY.iterdir():
+        if path.name in RELEASE_FILES or path.suffix in {".json", ".txt", ".model"}:
+            shutil.copy2(path, staging / path.name)
+    evaluation = read_json(Path("metrics/evaluate.json"))
+    card = build_model_card(
+        model_name=params.release.model_name,
+        license=params.release.license,
+        language=params.release.language,
+        base_model=params.prepare.base_model,
+        datasets=[params.prepare.dataset] + ([params.label.dataset] if params.label.annotator == "dataset" else []),
+        evaluation=evaluation,
+        reward=read_json(Path("metrics/reward.json")),
+        ppo=read_json(Path("metrics/ppo.json")),
+        params=as_dict(params),
+        git_commit=git_commit(),
+        lineage=lineage_from_lock(Path("dvc.lock"), UPSTREAM),
+        samples_markdown=Path("metrics/samples.md").read_text() if Path("metrics/samples.md").exists() else "",
+    )
+    (staging / "README.md").write_text(card)
+    replace_folder(staging, OUT_DIR)
+    emit("release", "metrics", files=sorted(p.name for p in OUT_DIR.iterdir()))
+
+
+if __name__ == "__main__":
+    main()

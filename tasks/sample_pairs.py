@@ -1,0 +1,67 @@
+"""Stage `sample_pairs`: K sampled responses per training prompt from the SFT policy.
+
+    python -m tasks.sample_pairs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf import data, ppo
+from rlhf.config import ConfigError, load_params
+from rlhf.data import DataError
+from rlhf.modeling import encode_prompts, load_policy, load_tokenizer, set_seed
+from rlhf.rollout import generate_responses
+from rlhf.stage import emit, fail
+
+SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs/samples.jsonl")
+METRICS = Path("metrics/sample_pairs.json")
+
+
+def main() -> None:
+    try:
+        params = load_params()
+        prompts = data.read_jsonl(PROMPTS)
+        data.validate_prompts(prompts, str(PROMPTS))
+    except (ConfigError, DataError) as error:
+        fail(str(error))
+    config = params.sample_pairs
+    prompts = prompts[: config.n_prompts] if config.n_prompts else prompts
+    set_seed(params.seed + 1)
+    tokenizer = load_tokenizer(SFT_MODEL)
+    policy = load_policy(SFT_MODEL).eval()
+    rows, n_finished = [], 0
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = [r["prompt"] for r in prompts[start : start + config.batch_size]]
+        expanded = [p for p in chunk for _ in range(config.samples_per_prompt)]
+        query_ids, query_mask = encode_prompts(tokenizer, expanded)
+        with torch.no_grad():
+            raw = generate_responses(policy, query_ids, query_mask, config.max_new_tokens, config.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+        n_finished += int(finished.sum())
+        k = config.samples_per_prompt
+        for i, prompt in enumerate(chunk):
+            rows.append({
+                "prompt_id": start + i,
+                "prompt": prompt,
+                "responses": texts[i * k : (i + 1) * k],
+                "finished": finished[i * k : (i + 1) * k].tolist(),
+            })
+        emit("sample_pairs", "progress", step=min(start + config.batch_size, len(prompts)), total=len(prompts))
+    data.write_jsonl(OUT, rows)
+    n_samples = len(rows) * config.samples_per_prompt
+    metrics = {
+        "n_prompts": len(rows),
+        "n_samples": n_samples,
+        "eos_rate": n_finished / n_samples,
+        "distinct_per_prompt": sum(len(set(r["responses"])) for r in rows) / len(rows),
+    }
+    data.write_json(METRICS, metrics)
+    emit("sample_pairs", "metrics", **metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny configuration of the whole pipeline and a workspace where its stages have run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
+def tiny_params() -> dict:
+    """params.yaml shrunk so the whole pipeline runs in about a minute on 2 cores."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(n_demonstrations=1500, n_train_prompts=64, n_eval_prompts=16)
+    params["prepare"]["model"] = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    params["sft"].update(steps=60, batch_size=32, warmup_steps=5, eval_every=30)
+    params["sample_pairs"].update(n_prompts=48, samples_per_prompt=3)
+    params["reward"].update(epochs=1, batch_size=16, warmup_steps=2)
+    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2)
+    params["evaluate"].update(n_prompts=8, samples_per_prompt=2)
+    return params
+
+
+def write_params(folder: Path, params: dict) -> None:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(module_name: str) -> None:
+    """Run a stage program's main() in this process (cwd is the workspace)."""
+    import importlib
+
+    importlib.import_module(f"tasks.{module_name}").main()
+
+
+@pytest.fixture(scope="session")
+def pipeline_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where every stage of the tiny pipeline ran once, in DAG order (shared by the stage tests)."""
+    workspace = tmp_path_factory.mktemp("pipeline")
+    write_params(workspace, tiny_params())
+    shutil.copytree(REPO / "configs", workspace / "configs")
+    previous = Path.cwd()
+    os.chdir(workspace)
+    try:
+        for stage in ("prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"):
+            run_stage(stage)
+    finally:
+        os.chdir(previous)
+    return workspace
+
+
+@pytest.fixture
+def in_copy_of_workspace(pipeline_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the pipeline workspace as cwd, so a test may damage it."""
+    copy = tmp_path / "workspace"
+    shutil.copytree(pipeline_workspace, copy)
+    monkeypatch.chdir(copy)
+    return copy
