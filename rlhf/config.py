@@ -52,7 +52,7 @@ class PrepareConfig:
 class SFTConfig:
     """Stage `sft`: supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
-    steps: int = 1500  # optimiser steps
+    steps: int = 1000  # optimiser steps
     batch_size: int = 64  # demonstrations per step
     learning_rate: float = 3e-3  # peak AdamW learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 10 %
@@ -103,7 +103,7 @@ class RewardConfig:
 class PPOConfig:
     """Stage `ppo`: PPO with a per-token KL penalty to the frozen SFT reference (DESIGN §4)."""
 
-    iterations: int = 100  # rollout → optimise cycles
+    iterations: int = 60  # rollout → optimise cycles (× 128 episodes = 7,680 episodes)
     rollout_batch_size: int = 128  # episodes per iteration, over all processes
     num_minibatches: int = 4  # minibatches per PPO epoch (global)
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch on each process

@@ -212,14 +212,17 @@ def _draw_example(rng: random.Random, for_eval: bool) -> tuple[str, str]:
 
     Training text never contains a held-out combination (not even inside a demonstration), and eval long
     prompts only use held-out ones, so the two prompt sets overlap only in the 16 short ``the N was`` forms.
-    The long-form share is the same on both sides because the form is drawn before the review is rejected.
+    The form is drawn first with its marginal probability and the review from its conditional (rejection
+    sampling), so both sides keep `split_prompt`'s form mix despite the held-out rejections.
     """
-    long_form = rng.random() < LONG_PROMPT_PROB
+    long_form = rng.random() < LONG_PROMPT_PROB * (1.0 - CLAUSE_COUNT_WEIGHTS[0])
     while True:
         review = sample_review(rng)
-        key = _review_key(review)
+        key = _review_key(review)  # None exactly for 1-clause reviews
         if long_form and key is None:
             continue
+        if not long_form and key is not None and rng.random() < LONG_PROMPT_PROB:
+            continue  # `split_prompt` would have made this review long
         if for_eval and long_form and not is_held_out(key):
             continue
         if not for_eval and key is not None and is_held_out(key):
