@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -188,6 +189,21 @@ def encode_prompt_response(
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     sequences = [p + r + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, response_ids)]
     return sequences, [len(p) for p in prompt_ids]
+
+
+def max_positions(path: str | Path) -> int | None:
+    """Longest sequence the model at ``path`` accepts (from its config, without loading weights)."""
+    config = AutoConfig.from_pretrained(str(path))
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], model_path: str | Path, response_length: int, source: str) -> None:
+    """Refuse (DataError naming ``source``) prompts that leave no room for ``response_length`` new tokens."""
+    from rlhf.data import check_lengths
+
+    limit = max_positions(model_path)
+    if limit is not None:
+        check_lengths(prompts, tokenizer, limit - response_length, source, f"prompt (+ {response_length} response tokens)")
 
 
 def count_parameters(model: nn.Module) -> int:

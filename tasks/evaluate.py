@@ -12,7 +12,7 @@ from rlhf.annotators import load_callable
 from rlhf.config import ConfigError, load_params
 from rlhf.data import DataError
 from rlhf.evaluation import compare_policies, sample_and_score, samples_table
-from rlhf.modeling import RewardNormalization, load_policy, load_scalar_model, load_tokenizer
+from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
 from rlhf.stage import emit, fail
 
 POLICY, SFT_MODEL, REWARD_MODEL = Path("models/policy"), Path("models/sft"), Path("models/reward")
@@ -25,6 +25,7 @@ def main() -> None:
         config = params.evaluate
         prompts = data.read_jsonl(PROMPTS)
         data.validate_prompts(prompts, str(PROMPTS))
+        check_prompts_fit(load_tokenizer(POLICY), [r["prompt"] for r in prompts], POLICY, config.max_new_tokens, str(PROMPTS))
         gold = load_callable(config.gold) if config.gold else None
         is_valid = load_callable(config.validity) if config.validity else None
     except (ConfigError, DataError, ValueError) as error:

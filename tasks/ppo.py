@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from rlhf import data
 from rlhf.config import ConfigError, load_params
 from rlhf.data import DataError
-from rlhf.modeling import RewardNormalization, load_policy, load_scalar_model, load_tokenizer, set_seed
+from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer, set_seed
 from rlhf.ppo_trainer import PPOModels, train_ppo
 from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
 
@@ -54,6 +54,7 @@ def main() -> None:
         config = params.ppo
         prompts = data.read_jsonl(PROMPTS)
         data.validate_prompts(prompts, str(PROMPTS))
+        check_prompts_fit(load_tokenizer(SFT_MODEL), [r["prompt"] for r in prompts], SFT_MODEL, config.response_length, str(PROMPTS))
     except (ConfigError, DataError) as error:
         fail(str(error))
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)

@@ -12,7 +12,7 @@ import torch
 from rlhf import data, ppo
 from rlhf.config import ConfigError, load_params
 from rlhf.data import DataError
-from rlhf.modeling import encode_prompts, load_policy, load_tokenizer, set_seed
+from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
 from rlhf.rollout import generate_responses
 from rlhf.stage import emit, fail
 
@@ -25,9 +25,10 @@ def main() -> None:
         params = load_params()
         prompts = data.read_jsonl(PROMPTS)
         data.validate_prompts(prompts, str(PROMPTS))
+        config = params.sample_pairs
+        check_prompts_fit(load_tokenizer(SFT_MODEL), [r["prompt"] for r in prompts], SFT_MODEL, config.max_new_tokens, str(PROMPTS))
     except (ConfigError, DataError) as error:
         fail(str(error))
-    config = params.sample_pairs
     prompts = prompts[: config.n_prompts] if config.n_prompts else prompts
     set_seed(params.seed + 1)
     tokenizer = load_tokenizer(SFT_MODEL)

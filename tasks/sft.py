@@ -10,7 +10,7 @@ from pathlib import Path
 from rlhf import data
 from rlhf.config import ConfigError, load_params
 from rlhf.data import DataError
-from rlhf.modeling import load_policy, load_tokenizer, set_seed
+from rlhf.modeling import load_policy, max_positions, load_tokenizer, set_seed
 from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
 from rlhf.training import train_sft
 
@@ -26,7 +26,7 @@ def main() -> None:
         data.validate_demonstrations(train_rows, str(SFT_DIR / "train.jsonl"))
         data.validate_demonstrations(eval_rows, str(SFT_DIR / "eval.jsonl"))
         tokenizer = load_tokenizer(BASE_DIR)
-        limit = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
+        limit = max_positions(BASE_DIR)
         if limit:
             texts = [r["prompt"] + r["response"] for r in train_rows]
             data.check_lengths(texts, tokenizer, limit - 1, str(SFT_DIR / "train.jsonl"), "demonstration")

@@ -243,3 +243,15 @@ def test_release_folder_is_loadable_and_its_card_quotes_the_metrics(pipeline_wor
     inputs = tokenizer("the plot was", return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_ppo_refuses_a_prompt_that_leaves_no_room_to_answer_before_training(in_copy_of_workspace: Path, capsys) -> None:
+    before = folder_digest(in_copy_of_workspace / "models/policy")
+    path = in_copy_of_workspace / "data/prompts/train.jsonl"
+    rows = data.read_jsonl(path)
+    data.write_jsonl(path, rows + [{"prompt": "the plot was lovely and " * 12 + "the plot was"}])
+    with pytest.raises(SystemExit):
+        run_stage("ppo")
+    message = capsys.readouterr().err
+    assert "data/prompts/train.jsonl" in message and f"row {len(rows)}" in message
+    assert folder_digest(in_copy_of_workspace / "models/policy") == before
