@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,26 @@ def in_copy_of_workspace(pipeline_workspace: Path, tmp_path: Path, monkeypatch: 
     shutil.copytree(pipeline_workspace, copy)
     monkeypatch.chdir(copy)
     return copy
+
+
+def git_env() -> dict[str, str]:
+    """Environment for subprocesses: this interpreter first on PATH, a git identity, no DVC analytics."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
+               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
+    return env
+
+
+def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding the pipeline's code and a tiny params.yaml, committed."""
+    repo.mkdir(parents=True, exist_ok=True)
+    for folder in ("rlhf", "tasks", "configs", "flows"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    if (REPO / "data/human_labels").exists():
+        shutil.copytree(REPO / "data/human_labels", repo / "data/human_labels")
+    write_params(repo, params or tiny_params())
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"]):
+        subprocess.run(command, cwd=repo, env=git_env(), check=True, capture_output=True)
+    return repo

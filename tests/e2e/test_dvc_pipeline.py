@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params, write_params
+from conftest import git_env, make_tiny_repo
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"]
 
 
 def run(repo: Path, *args: str) -> str:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(args, cwd=repo, env=git_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
 
@@ -35,17 +29,7 @@ def stages_run(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("e2e") / "repo"
-    repo.mkdir()
-    for folder in ("rlhf", "tasks", "configs"):
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, tiny_params())
-    run(repo, "git", "init", "-q")
-    run(repo, sys.executable, "-m", "dvc", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "tiny pipeline")
-    return repo
+    return make_tiny_repo(tmp_path_factory.mktemp("e2e") / "repo")
 
 
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(repo: Path) -> None:

@@ -1,0 +1,108 @@
+"""Flow `rlhf-retrain`: scheduled retraining with an evaluation gate.
+
+    rlhf serve --cron "0 3 * * *"      # serves the deployment `rlhf-retrain` (at most one run at a time)
+
+Each run: 1. ask DVC whether any input changed (new labels, data, params, code); 2. if so, run the lifecycle;
+3. compare the new evaluation with the promoted model's record; 4. promote only if better by `margin`;
+5. record the decision as an artifact (key `retrain-decision`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.lifecycle import lifecycle
+from flows.stages import stage_environment
+
+PROMOTED_DIR = Path(".rlhf/promoted")  # the promoted release and its record (outside DVC: a decision, not an output)
+DECISION_ARTIFACT_KEY = "retrain-decision"
+
+
+@task(retries=2, retry_delay_seconds=5)  # a read-only query: safe to repeat
+def changed_stages(repo_dir: str) -> list[str]:
+    """Stages DVC considers out of date (changed deps, params or missing outputs)."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo_dir, env=stage_environment(), capture_output=True, text=True, check=True)
+    status = json.loads(result.stdout or "{}")
+    return sorted(name.split(":")[-1] for name in status)
+
+
+def read_record(repo_dir: str) -> dict | None:
+    path = Path(repo_dir, PROMOTED_DIR, "record.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gate(new_metrics: dict, promoted: dict | None, metric: str, margin: float) -> tuple[bool, str]:
+    """Promote when there is no promoted model yet, or the new ``metric`` beats the promoted one by ``margin``."""
+    if metric not in new_metrics:
+        return False, f"the new evaluation has no {metric!r}"
+    if promoted is None:
+        return True, "no model promoted yet"
+    old, new = float(promoted["metrics"][metric]), float(new_metrics[metric])
+    if new >= old + margin:
+        return True, f"{metric} {new:.4f} ≥ promoted {old:.4f} + margin {margin}"
+    return False, f"{metric} {new:.4f} < promoted {old:.4f} + margin {margin}"
+
+
+@task
+def promote(repo_dir: str, metrics: dict) -> dict:
+    """Copy models/release into the promoted slot with a record of where it came from."""
+    target = Path(repo_dir, PROMOTED_DIR)
+    staging = target.with_name("promoted.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(Path(repo_dir, "models/release"), staging / "release")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True).stdout.strip() or "unknown"
+    record = {"metrics": metrics, "git_commit": commit, "promoted_at": datetime.now(timezone.utc).isoformat(), "dvc_lock": Path(repo_dir, "dvc.lock").read_text()}
+    (staging / "record.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return record
+
+
+@flow(name="rlhf-retrain", log_prints=True)
+def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, force: bool = False) -> dict:
+    """Retrain if inputs changed; promote the result only if it beats the promoted model."""
+    logger = get_run_logger()
+    repo = str(Path(repo_dir).resolve())
+    # 1. did anything change?
+    changed = changed_stages(repo)
+    if not changed and not force:
+        decision = {"ran": False, "promoted": False, "reason": "no input changed since the last run"}
+    else:
+        # 2. run the pipeline (DVC reruns only what changed)
+        results = lifecycle(repo_dir=repo)
+        new_metrics = results["evaluate"]["metrics"]
+        # 3–4. evaluation gate
+        promoted = read_record(repo)
+        ok, reason = gate(new_metrics, promoted, metric, margin)
+        decision = {"ran": True, "changed_stages": changed, "promoted": ok, "reason": reason, "metric": metric,
+                    "new": new_metrics.get(metric), "previous": None if promoted is None else promoted["metrics"].get(metric)}
+        if ok:
+            promote(repo, new_metrics)
+            decision["release"] = str(Path(repo, PROMOTED_DIR, "release"))
+    # 5. record the decision
+    logger.info("retrain decision: %s", decision)
+    lines = ["# Retrain decision", ""] + [f"- **{k}**: {v}" for k, v in decision.items()]
+    create_markdown_artifact(markdown="\n".join(lines), key=DECISION_ARTIFACT_KEY, description="retrain gate decision")
+    return decision
+
+
+def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0) -> None:
+    """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time."""
+    deployment = retrain.to_deployment(
+        name="rlhf-retrain",
+        cron=cron,
+        concurrency_limit=1,
+        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin},
+        description="Retrain when inputs change; promote only if the evaluation beats the promoted model.",
+    )
+    from prefect import serve as prefect_serve
+
+    prefect_serve(deployment)

@@ -1,0 +1,145 @@
+"""The Prefect task that runs one DVC stage: DVC decides (and caches), Prefect shows.
+
+The stage runs as ``dvc repro --single-item STAGE`` in a subprocess (the flow never holds a model). Its output
+streams into the task's log line by line; ``@rlhf`` progress lines (rlhf/stage.py) become a live progress
+artifact (PPO: key ``ppo-progress``); afterwards the stage's metrics become a table artifact (key
+``stage-metrics``) and the evaluation a markdown artifact (key ``evaluation``). A stage DVC skips as unchanged
+finishes in a COMPLETED state named ``Cached``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.states import Completed
+
+from rlhf.stage import PROGRESS_PREFIX
+
+SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
+METRICS_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY, EVALUATION_ARTIFACT_KEY = "stage-metrics", "ppo-progress", "evaluation"
+PPO_PROGRESS_FIELDS = ("step", "total", "objective/scores", "objective/kl", "objective/kl_coef", "eps")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries the end of its output."""
+
+
+def stage_order(repo_dir: str | Path) -> list[str]:
+    """Stage names in dvc.yaml order (which is a topological order of the DAG)."""
+    return list((yaml.safe_load(Path(repo_dir, "dvc.yaml").read_text()) or {}).get("stages", {}))
+
+
+def stage_metrics_files(repo_dir: str | Path, stage: str) -> list[Path]:
+    """The JSON metrics files a stage declares in dvc.yaml."""
+    spec = yaml.safe_load(Path(repo_dir, "dvc.yaml").read_text())["stages"][stage]
+    files = []
+    for entry in spec.get("metrics", []):
+        files += list(entry) if isinstance(entry, dict) else [entry]
+    return [Path(repo_dir, name) for name in files]
+
+
+def stage_environment() -> dict[str, str]:
+    """Stage commands must find this installation's `python`/`accelerate`; no analytics calls offline."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def flatten(record: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    skipped: bool  # DVC found the stage unchanged and did not run it
+    metrics: dict[str, object]
+
+
+class ProgressReporter:
+    """Turns a stage's progress lines into one progress artifact, created on the first line, updated after."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.artifact_id = None
+
+    def __call__(self, record: dict) -> None:
+        if record.get("event") != "progress" or not record.get("total"):
+            return
+        percent = 100.0 * float(record["step"]) / float(record["total"])
+        shown = ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in PPO_PROGRESS_FIELDS if k in record)
+        if self.artifact_id is None:
+            key = PROGRESS_ARTIFACT_KEY if self.stage == "ppo" else f"{self.stage.replace('_', '-')}-progress"
+            self.artifact_id = create_progress_artifact(progress=percent, key=key, description=f"{self.stage}: {shown}")
+        else:
+            update_progress_artifact(self.artifact_id, progress=percent, description=f"{self.stage}: {shown}")
+
+
+def publish_stage_artifacts(repo_dir: str | Path, stage: str, metrics: dict[str, object]) -> None:
+    if metrics:
+        rows = [{"stage": stage, "metric": name, "value": value} for name, value in metrics.items()]
+        create_table_artifact(table=rows, key=METRICS_ARTIFACT_KEY, description=f"metrics of stage {stage}")
+    if stage == "evaluate":
+        samples = Path(repo_dir, "metrics/samples.md")
+        lines = ["# Evaluation: PPO policy vs SFT", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        text = "\n".join(lines) + "\n\n" + (samples.read_text() if samples.exists() else "")
+        create_markdown_artifact(markdown=text, key=EVALUATION_ARTIFACT_KEY, description="evaluation metrics and samples")
+
+
+def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple[int, bool, str]:
+    """Run ``dvc repro --single-item STAGE``, streaming lines; returns (exit code, skipped, output tail)."""
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    tail: deque[str] = deque(maxlen=40)
+    skipped = False
+    with subprocess.Popen(command, cwd=repo_dir, env=stage_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip()
+            tail.append(line)
+            skipped = skipped or any(marker in line for marker in SKIPPED_MARKERS)
+            if line.startswith(PROGRESS_PREFIX):
+                try:
+                    on_record(json.loads(line[len(PROGRESS_PREFIX):]))
+                except json.JSONDecodeError:
+                    pass
+            on_line(line)
+        code = process.wait()
+    return code, skipped, "\n".join(tail)
+
+
+@task(task_run_name="{stage}", retries=0, log_prints=False)
+def run_stage(stage: str, repo_dir: str = ".") -> StageOutcome:
+    """One DVC stage as a Prefect task (no retries: DVC already makes a rerun cheap and safe to ask for by hand)."""
+    logger = get_run_logger()
+    code, skipped, tail = run_dvc_stage(repo_dir, stage, logger.info, ProgressReporter(stage))
+    if code != 0:
+        raise StageFailed(f"stage {stage!r} failed (dvc exit {code}):\n{tail}")
+    metrics: dict[str, object] = {}
+    for path in stage_metrics_files(repo_dir, stage):
+        if path.exists():
+            metrics.update(flatten(json.loads(path.read_text())))
+    publish_stage_artifacts(repo_dir, stage, metrics)
+    outcome = StageOutcome(stage, skipped, metrics)
+    if skipped:
+        logger.info("stage %s unchanged: DVC skipped it (outputs restored from the cache)", stage)
+        return Completed(message=f"DVC: stage {stage} unchanged, skipped", name="Cached", data=outcome)
+    return outcome
