@@ -1,45 +1,14 @@
-"""Shared fixtures: a tiny configuration of the whole pipeline and a workspace where its stages have run."""
+"""Shared fixtures: a workspace where every stage of the tiny pipeline has run once."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-
-
-def tiny_params() -> dict:
-    """params.yaml shrunk so the whole pipeline runs in about a minute on 2 cores."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(n_demonstrations=1500, n_train_prompts=64, n_eval_prompts=16)
-    params["prepare"]["model"] = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
-    params["sft"].update(steps=60, batch_size=32, warmup_steps=5, eval_every=30)
-    params["sample_pairs"].update(n_prompts=48, samples_per_prompt=3)
-    params["reward"].update(epochs=1, batch_size=16, warmup_steps=2)
-    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2)
-    params["evaluate"].update(n_prompts=8, samples_per_prompt=2)
-    return params
-
-
-def write_params(folder: Path, params: dict) -> None:
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def run_stage(module_name: str) -> None:
-    """Run a stage program's main() in this process (cwd is the workspace)."""
-    import importlib
-
-    importlib.import_module(f"tasks.{module_name}").main()
-
+from support import REPO, run_stage, tiny_params, write_params
 
 @pytest.fixture(scope="session")
 def pipeline_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -66,24 +35,3 @@ def in_copy_of_workspace(pipeline_workspace: Path, tmp_path: Path, monkeypatch: 
     return copy
 
 
-def git_env() -> dict[str, str]:
-    """Environment for subprocesses: this interpreter first on PATH, a git identity, no DVC analytics."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
-    return env
-
-
-def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
-    """A fresh git + DVC repository holding the pipeline's code and a tiny params.yaml, committed."""
-    repo.mkdir(parents=True, exist_ok=True)
-    for folder in ("rlhf", "tasks", "configs", "flows"):
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    if (REPO / "data/human_labels").exists():
-        shutil.copytree(REPO / "data/human_labels", repo / "data/human_labels")
-    write_params(repo, params or tiny_params())
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"]):
-        subprocess.run(command, cwd=repo, env=git_env(), check=True, capture_output=True)
-    return repo

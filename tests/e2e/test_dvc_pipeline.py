@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import git_env, make_tiny_repo
+from support import git_env, make_tiny_repo
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"]

@@ -38,7 +38,7 @@ from prefect.flow_runs import resume_flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from support import REPO  # noqa: E402
 from flows.labeling import append_labels, collect_human_labels, pending_pairs, records_from_answers  # noqa: E402
 
 FLOW_NAME = "rlhf-human-labels"

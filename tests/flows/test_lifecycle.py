@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from conftest import make_tiny_repo, write_params  # noqa: E402
+from support import make_tiny_repo, write_params  # noqa: E402
 from flows.lifecycle import lifecycle  # noqa: E402
 from flows.retrain import gate, retrain  # noqa: E402
 from flows.stages import stage_order  # noqa: E402

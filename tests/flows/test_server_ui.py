@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from browser import chromium_path, dump_dom, screenshot
-from conftest import REPO, make_tiny_repo, prefect_client_env, ui_root
+from server_support import prefect_client_env, ui_root
+from support import REPO, make_tiny_repo
 from flows.stages import stage_order
 
 pytestmark = pytest.mark.slow
@@ -99,5 +100,5 @@ def test_the_ui_page_of_the_run_lists_its_stage_task_runs(prefect_server: str, l
     missing = [stage for stage in lifecycle_run["stages"] if stage not in texts]
     assert not missing, f"task runs {missing} not shown at {url}"
     # Tall enough to show the run graph and all eight task runs under it.
-    png = screenshot(url, SCREENSHOT, wait_ms=15_000, window=(1600, 1800))
+    png = screenshot(url, SCREENSHOT, wait_ms=15_000, window=(1600, 1450))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_stage, tiny_params, write_params
+from support import run_stage, tiny_params, write_params
 from rlhf import data
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer
 from rlhf.training import raw_scores
