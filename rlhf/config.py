@@ -126,8 +126,24 @@ class PPOConfig:
     kl_target: float = 4.0  # adaptive: target sequence KL in nats
     kl_horizon: int = 10000  # adaptive: horizon in episodes
     missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
-    value_init: str = "reward"  # critic head initialised from the reward model ("reward") or zero ("zero")
-    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (see configs/)
+    value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
+    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; README "Scaling PPO")
+    num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
+    mixed_precision: str = "no"  # "no" | "bf16" (GPU): autocast with fp32 master weights; frozen models held in bf16
+    sampling_seeds: str = "per_rank"  # "per_rank": generate() seeded seed·1000+rank; "per_episode": the same episodes for any process count
+    value_model: str = "critic"  # "critic": separate critic (a second trunk); "head": linear value head on the policy trunk
+    lora_rank: int = 0  # 0 = train all policy weights; > 0 = LoRA adapters (peft), reference = adapter disabled
+    lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
+    lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+
+    def __post_init__(self) -> None:
+        choices = {"value_model": {"critic", "head"}, "sampling_seeds": {"per_rank", "per_episode"}, "mixed_precision": {"no", "bf16"}}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if self.num_processes < 1 or self.lora_rank < 0:
+            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1 and ppo.lora_rank ≥ 0")
 
     def derived(self, world_size: int) -> dict[str, int]:
         """Per-process sizes; every division must be exact.

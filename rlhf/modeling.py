@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from rlhf.config import TinyModelConfig
 
@@ -208,3 +209,58 @@ def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], mo
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory options for PPO (README "Scaling PPO")
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Recompute each block's activations in backward instead of storing them (Chen et al. 2016).
+
+    Non-reentrant checkpointing: works under DDP, with frozen inputs (LoRA) and without `enable_input_require_grads`.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns of removal in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def add_lora(policy: PreTrainedModel, rank: int, alpha: int, target_modules: str) -> nn.Module:
+    """Wrap ``policy`` with trainable LoRA adapters (Hu et al. 2021, via peft); the base weights are frozen.
+
+    With the adapter disabled the model computes exactly the SFT policy, so it doubles as the PPO reference
+    (no second copy; TRL's PPO trainer does the same with peft). Dropout stays off, as everywhere in PPO.
+    ``target_modules``: "all-linear" (every linear / GPT-2 Conv1D layer except the output head) or a comma list.
+    """
+    from peft import LoraConfig, get_peft_model  # imported here: stage programs must run without peft when LoRA is off
+
+    targets: str | list[str] = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    transposed = any(isinstance(m, Conv1D) for m in policy.modules())  # GPT-2 family stores weights as (in, out)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                        fan_in_fan_out=transposed)
+    return get_peft_model(policy, config)
+
+
+def value_head_for(policy: PreTrainedModel, reward_model: PreTrainedModel | None) -> nn.Linear:
+    """(hidden → 1) value head for the policy's trunk: a copy of the reward model's score head, or zeros.
+
+    Copying the RM head is the trunk-sharing analogue of initialising the critic from the RM (DESIGN §4.8); it needs
+    the RM's hidden size to match the policy's (true when the RM was initialised from the SFT model).
+    """
+    hidden_size = policy.config.hidden_size
+    head = nn.Linear(hidden_size, 1, bias=False)
+    nn.init.zeros_(head.weight)
+    if reward_model is not None:
+        score = reward_model.score
+        if score.weight.shape != head.weight.shape:
+            raise ValueError(f"reward head {tuple(score.weight.shape)} does not fit the policy trunk (hidden size {hidden_size})")
+        head.weight.data.copy_(score.weight.detach().float())
+    return head
+
+
+def merge_lora(policy: nn.Module) -> PreTrainedModel:
+    """A plain causal LM: LoRA adapters (if any) folded into the base weights, peft wrapper removed."""
+    return policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy

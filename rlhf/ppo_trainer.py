@@ -1,30 +1,65 @@
-"""The PPO training loop (DESIGN §4), rank-aware under accelerate.
+"""The PPO training loop (DESIGN §4), the same optimisation on any number of processes under accelerate.
 
-Launch: ``accelerate launch --config_file configs/cpu-1proc.yaml -m tasks.ppo`` (the `ppo` DVC stage does this).
+Launch (the `ppo` DVC stage does this; profile, process count and precision come from params.yaml)::
+
+    accelerate launch --config_file configs/cpu-2proc.yaml --num_processes 2 --mixed_precision no -m tasks.ppo
+
 Each iteration reads top to bottom: 1. sample prompts, 2. generate, 3. truncate after EOS, 4. score and evaluate the
-old policy/reference/critic, 5. rewards, 6. advantages, 7. K epochs of minibatch updates, 8. KL controller,
+old policy/reference/values, 5. rewards, 6. advantages, 7. K epochs of minibatch updates, 8. KL controller,
 9. metrics. The math lives in :mod:`rlhf.ppo` as small tested functions.
+
+On N processes (README "Scaling PPO"):
+
+- the global batch of prompts is drawn from a stream shared by all ranks and rank r takes its episodes r, r+N, …
+  (disjoint, none duplicated), so the prompts of an iteration do not depend on N;
+- sampling seeds differ per rank (seed·1000 + rank); with ``sampling_seeds: per_episode`` each (episode, token)
+  gets its own uniform from a stream shared by all ranks, so the sampled episodes do not depend on N either;
+- whitening statistics are all-reduced; afterwards the small experience tensors are gathered, so the KL
+  controller's KL and the logged rollout metrics are those of the global batch;
+- the optimisation runs on global minibatches: one shuffle shared by all ranks cuts the global batch, each rank
+  takes its share (as torch's DistributedSampler does), and every micro-batch loss is weighted so the gradient is
+  the mean over all valid tokens of the global minibatch, whatever N and the accumulation steps;
+- gradients are all-reduced once per optimiser step (``accelerator.accumulate`` skips the sync on the other
+  micro-batches); only the main process logs (and, in ``tasks/ppo.py``, writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import ppo
-from rlhf.config import PPOConfig
-from rlhf.modeling import RewardNormalization, encode_prompts, position_ids_from_mask
-from rlhf.rollout import Experience, generate_responses, response_logprobs, response_values, reward_scores
+from rlhf.config import ConfigError, PPOConfig
+from rlhf.modeling import (
+    RewardNormalization,
+    add_lora,
+    enable_gradient_checkpointing,
+    encode_prompts,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    merge_lora,
+    position_ids_from_mask,
+    value_head_for,
+)
+from rlhf.rollout import Experience, generate_responses, response_logprobs, reward_scores
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
 
 
 class PolicyAndCritic(nn.Module):
-    """Policy and critic trained together: one module so one DDP wrapper syncs both in one backward."""
+    """Policy and a separate critic trained together: one module so one DDP wrapper syncs both in one backward."""
 
     def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel):
         super().__init__()
@@ -39,53 +74,346 @@ class PolicyAndCritic(nn.Module):
         return logits, self.critic.score(hidden).squeeze(-1)
 
 
+class PolicyWithValueHead(nn.Module):
+    """Policy whose last hidden state also feeds a linear value head: one trunk, one forward for logits and values.
+
+    The shared-trunk design of TRL's ``AutoModelForCausalLMWithValueHead``; the value loss (× vf_coef) then also
+    shapes the policy's features.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, q+t) ids → policy logits (b, q+t, vocab) and values (b, q+t)."""
+        output = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        hidden = output.hidden_states[-1]  # after the final layer norm, the input of the LM head
+        return output.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
 @dataclass
 class PPOModels:
-    policy: PreTrainedModel  # trained; initialised from SFT
-    reference: PreTrainedModel  # frozen SFT copy for the KL penalty
-    critic: PreTrainedModel  # trained; initialised from the reward model (or with a zero head)
+    policy: nn.Module  # trained; initialised from SFT (a peft model when LoRA is on)
+    reference: PreTrainedModel | None  # frozen SFT copy for the KL penalty; None with LoRA (= policy, adapter disabled)
+    critic: PreTrainedModel | None  # separate critic, trained; initialised from the RM (or a zero head); None with a value head
     reward_model: PreTrainedModel  # frozen
     reward_normalization: RewardNormalization
     tokenizer: PreTrainedTokenizerBase
+    value_head: nn.Linear | None = None  # value head on the policy trunk (value_model="head"), else None
+
+
+def trainable_module(models: PPOModels) -> nn.Module:
+    """The one module the optimiser trains: policy + critic, or policy + value head."""
+    if models.value_head is not None:
+        return PolicyWithValueHead(models.policy, models.value_head)
+    return PolicyAndCritic(models.policy, models.critic)
+
+
+def load_ppo_models(config: PPOConfig, sft_path: str | Path, reward_path: str | Path) -> PPOModels:
+    """Policy, reference, value model and reward model as the memory options in ``config`` ask."""
+    tokenizer = load_tokenizer(sft_path)
+    reward_model = load_scalar_model(reward_path, tokenizer.pad_token_id).requires_grad_(False)
+    policy = load_policy(sft_path)
+    reference = None if config.lora_rank else load_policy(sft_path).requires_grad_(False)
+    critic = value_head = None
+    if config.value_model == "critic":
+        critic = load_scalar_model(reward_path, tokenizer.pad_token_id)
+        if config.value_init == "zero":
+            torch.nn.init.zeros_(critic.score.weight)
+    else:
+        value_head = value_head_for(policy, reward_model if config.value_init == "reward" else None)
+    if config.gradient_checkpointing:
+        for model in (policy, critic):
+            if model is not None:
+                enable_gradient_checkpointing(model)
+    if config.lora_rank:
+        policy = add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+    return PPOModels(policy, reference, critic, reward_model, RewardNormalization.load(reward_path), tokenizer, value_head)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+def launch_profile_uses_cpu(config_file: str | Path) -> bool:
+    """Whether the accelerate launch profile asks for the CPU (``use_cpu: true``)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"params.yaml: ppo.config_file {str(path)!r} not found")
+    return bool((yaml.safe_load(path.read_text()) or {}).get("use_cpu", False))
+
+
+def make_accelerator(config: PPOConfig) -> Accelerator:
+    """The Accelerator of a launched PPO process; refuses a world size other than ``ppo.num_processes``.
+
+    ``cpu=True`` when the profile says ``use_cpu`` or there is no GPU: torchrun (what `accelerate launch` uses for
+    several processes) does not pass the CPU choice on, and without it every process silently runs alone with
+    world size 1 (measured; DESIGN §3). The precision comes from params, so the launch flag cannot contradict it.
+    """
+    cpu = launch_profile_uses_cpu(config.config_file) or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    if accelerator.num_processes != config.num_processes:
+        raise ConfigError(
+            f"params.yaml: ppo.num_processes is {config.num_processes} but this process runs in a world of "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); check ppo.config_file {config.config_file!r}"
+        )
+    return accelerator
 
 
 def shard_for_rank(items: list, rank: int, world_size: int) -> list:
-    """Every process gets a disjoint, equal-sized slice (the tail that does not divide evenly is dropped)."""
+    """Every process gets a disjoint, equal-sized slice (the tail that does not divide evenly is dropped).
+
+    Rank r holds items r, r+N, r+2N, …: item g is row g // N of rank g % N (see :func:`global_episode_order`).
+    """
     usable = len(items) - len(items) % world_size
     return items[rank:usable:world_size]
+
+
+def global_episode_order(local_batch_size: int, world_size: int) -> torch.Tensor:
+    """(N·b,) position in the rank-ordered gather of each global episode g = rank + N·row (shard_for_rank)."""
+    episode = torch.arange(local_batch_size * world_size)
+    return (episode % world_size) * local_batch_size + episode // world_size
+
+
+def gather_experience(experience: Experience, accelerator: Accelerator, pad_token_id: int) -> Experience:
+    """Every process gets the whole rollout batch, in global episode order.
+
+    Only ids, masks and per-token statistics travel (no logits): (N·b) × (q + 8t) numbers. Queries are left-padded
+    to each process's longest prompt, so they are first left-padded to the longest over all processes.
+    """
+    if accelerator.num_processes == 1:
+        return experience
+    gathered: dict[str, torch.Tensor | None] = {}
+    for name, value in vars(experience).items():
+        if value is None:
+            gathered[name] = None
+            continue
+        is_bool = value.dtype == torch.bool
+        tensor = value.to(torch.uint8) if is_bool else value
+        if name in ("query_ids", "query_mask"):
+            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_token_id if name == "query_ids" else 0, pad_first=True)
+        tensor = accelerator.gather(tensor.contiguous())
+        gathered[name] = tensor.bool() if is_bool else tensor
+    order = global_episode_order(experience.query_ids.shape[0], accelerator.num_processes)
+    return Experience(**gathered).select(order.to(experience.query_ids.device))
+
+
+def reduce_means(values: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+    """Means over processes of per-process scalars, in one collective."""
+    if accelerator.num_processes == 1:
+        return {name: float(value) for name, value in values.items()}
+    names = list(values)
+    local = torch.stack([values[name].detach().float().reshape(()) for name in names]).to(accelerator.device)
+    means = accelerator.reduce(local, reduction="mean").tolist()
+    return dict(zip(names, means))
+
+
+def token_weight(micro_tokens: int, minibatch_tokens: int, world_size: int, accumulation_steps: int) -> float:
+    """Factor on a micro-batch's token-mean loss so that the summed gradient is the mean over all valid tokens of
+    the global minibatch.
+
+    accelerate divides each micro-batch loss by the accumulation steps G and DDP averages over the N processes, so
+    weight = N·G·n_micro / n_minibatch. Without it every micro-batch mean counts equally however many tokens it
+    holds (the gradient-accumulation normalisation bug: https://huggingface.co/blog/gradient_accumulation).
+    With one process and no accumulation the weight is exactly 1.
+    """
+    return world_size * accumulation_steps * micro_tokens / max(minibatch_tokens, 1)
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator: Accelerator, module: nn.Module) -> Iterator[None]:
+    """Whole weights on every process while generating: FSDP shards them (DDP and DeepSpeed ZeRO-2 keep copies).
+
+    TRL's ``unwrap_model_for_generation`` does the same for ZeRO-3; here FSDP1's ``summon_full_params`` or, for
+    FSDP2, ``unshard()`` of every sharded module.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    if getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        reshard_after_forward = getattr(accelerator.state.fsdp_plugin, "reshard_after_forward", True)
+        for m in sharded:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)  # keep them whole across the decoding steps
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.set_reshard_after_forward(bool(reshard_after_forward), recurse=False)
+                m.reshard()
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=True):
+            yield
+
+
+def export_policy(accelerator: Accelerator, module: nn.Module) -> PreTrainedModel | None:
+    """The trained policy as a plain causal LM (LoRA merged, value model dropped) on the main process, else None.
+
+    Call it on every process: under FSDP gathering the full weights is a collective.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(module)  # full weights on the main process
+        if not accelerator.is_main_process:
+            return None
+        sharded_policy = accelerator.unwrap_model(module).policy
+        base = sharded_policy.get_base_model() if hasattr(sharded_policy, "get_base_model") else sharded_policy
+        policy = AutoModelForCausalLM.from_config(base.config)
+        if hasattr(sharded_policy, "peft_config"):
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, sharded_policy.peft_config["default"])
+        policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        _, unexpected = policy.load_state_dict(policy_state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"unexpected keys in the gathered policy state: {unexpected[:5]}")
+    else:
+        if not accelerator.is_main_process:
+            return None
+        policy = accelerator.unwrap_model(module).policy
+    return merge_lora(policy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout
 
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(n, start + size)) for start in range(0, n, size)]
 
 
+def inverse_cdf_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(b, vocab) logits, (b,) uniforms in [0, 1) → (b,) tokens drawn from softmax(logits / T) by inverse transform.
+
+    The token is the first whose cumulative probability exceeds u. Given the same u an episode samples the same
+    token whatever batch it is in ("common random numbers"); tokens with probability 0 are never chosen.
+    """
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(-1)
+    threshold = uniforms.to(cdf) * cdf[:, -1]  # the total is 1 up to rounding: scale u so it always lands in a bin
+    tokens = torch.searchsorted(cdf, threshold.unsqueeze(-1), right=True).squeeze(-1)
+    return tokens.clamp(max=logits.shape[-1] - 1)
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """Turns greedy decoding into sampling with per-episode uniforms: the chosen token keeps score 0, all others −inf.
+
+    Runs after generate()'s own processors (e.g. min_new_tokens), so it samples from the distribution they leave.
+    """
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float, query_length: int):
+        self.uniforms = uniforms  # (b, t): one uniform per episode and response position
+        self.temperature = temperature
+        self.query_length = query_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.query_length
+        tokens = inverse_cdf_sample(scores, self.uniforms[:, step], self.temperature)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter(1, tokens.unsqueeze(-1), 0.0)
+
+
+@torch.no_grad()
+def generate_with_uniforms(
+    policy: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """(b, t) responses sampled with the KV cache from softmax(logits / T), token i of episode e decided by
+    ``uniforms[e, i]``; as :func:`rlhf.rollout.generate_responses`, rows are padded after their EOS."""
+    max_new_tokens = uniforms.shape[1]
+    output = policy.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        do_sample=False,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        logits_processor=LogitsProcessorList([InverseCDFSampler(uniforms, temperature, query_ids.shape[1])]),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    responses = output[:, query_ids.shape[1] :]
+    padding = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
+    return torch.cat([responses, padding], dim=1)
+
+
+def policy_logprobs_and_values(
+    trainable: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t) log-probs of the response tokens (logits / temperature) and (b, t) values V(s_i) before each token."""
+    input_ids = torch.cat([query_ids, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
+    logits, values = trainable(input_ids, attention_mask)
+    # the logit at position i predicts token i+1: response tokens are predicted from q−1 … q+t−2
+    response_positions = slice(query_ids.shape[1] - 1, -1)
+    return ppo.logprobs_from_logits(logits[:, response_positions], responses, temperature), values[:, response_positions]
+
+
+def reference_logprobs(
+    models: PPOModels, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(b, t) log-probs under the frozen SFT reference: its own copy, or with LoRA the policy with the adapter off."""
+    args = (query_ids, query_mask, responses, response_mask, temperature)
+    if models.reference is not None:
+        return response_logprobs(models.reference, *args)[0]
+    with policy.disable_adapter():  # peft: the frozen base weights are the SFT policy (TRL's PPO does the same)
+        return response_logprobs(policy, *args)[0]
+
+
 @torch.no_grad()
 def collect_experience(
     models: PPOModels,
-    trainable: PolicyAndCritic,
+    trainable: nn.Module,
     prompts: list[str],
     config: PPOConfig,
     forward_batch_size: int,
     device: torch.device,
+    uniforms: torch.Tensor | None = None,
 ) -> Experience:
-    """Steps 2–4: generate, truncate after EOS, then old logprobs, reference logprobs, values and RM scores."""
+    """Steps 2–4: generate, truncate after EOS, then old logprobs, reference logprobs, values and RM scores.
+
+    ``trainable``: the unwrapped :func:`trainable_module`; ``uniforms`` (b, t): per-episode sampling (see
+    :func:`inverse_cdf_sample`), None to sample with generate()'s own RNG.
+    """
     tokenizer = models.tokenizer
     query_ids, query_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts))
     # 2. generate with the KV cache
-    raw_responses = generate_responses(
-        trainable.policy, query_ids, query_mask, config.response_length, config.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
+    special = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if uniforms is None:
+        raw_responses = generate_responses(trainable.policy, query_ids, query_mask, config.response_length, config.temperature, *special)
+    else:
+        raw_responses = generate_with_uniforms(trainable.policy, query_ids, query_mask, uniforms.to(device), config.temperature, *special)
     # 3. EOS trick: everything after the first EOS is padding and masked
     responses, response_mask, contains_eos = ppo.truncate_after_stop_token(raw_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # 4. forwards in chunks (memory stays bounded for real models)
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for rows in _chunks(len(prompts), forward_batch_size):
         args = (query_ids[rows], query_mask[rows], responses[rows], response_mask[rows])
-        parts["logprobs"].append(response_logprobs(trainable.policy, *args, config.temperature)[0])
-        parts["ref_logprobs"].append(response_logprobs(models.reference, *args, config.temperature)[0])
-        parts["values"].append(response_values(trainable.critic, *args))
+        logprobs, values = policy_logprobs_and_values(trainable, *args, config.temperature)
+        parts["logprobs"].append(logprobs)
+        parts["values"].append(values)
+        parts["ref_logprobs"].append(reference_logprobs(models, trainable.policy, *args, config.temperature))
         parts["scores"].append(reward_scores(models.reward_model, models.reward_normalization, *args))
-    merged = {name: torch.cat(tensors) for name, tensors in parts.items()}
+    merged = {name: torch.cat(tensors).float() for name, tensors in parts.items()}
     mask = response_mask.float()
     scores = torch.where(contains_eos, merged["scores"], torch.full_like(merged["scores"], config.missing_eos_score))
     return Experience(
@@ -111,6 +439,10 @@ def add_advantages(experience: Experience, config: PPOConfig, kl_coef: float, al
     experience.rewards, experience.kl, experience.returns = rewards, kl, returns
     experience.advantages = ppo.masked_whiten(advantages, mask, all_reduce_sum=all_reduce_sum)
     return experience
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation
 
 
 def ppo_minibatch_loss(
@@ -143,6 +475,88 @@ def ppo_minibatch_loss(
     return loss, stats
 
 
+@dataclass
+class PreparedTraining:
+    module: nn.Module  # trainable_module(models) wrapped by accelerate (DDP, FSDP, DeepSpeed … or as is)
+    optimizer: torch.optim.Optimizer  # AdamW over the trainable parameters (LoRA: adapters + value model only)
+
+
+def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelerator) -> PreparedTraining:
+    """Wrap the trainable module and its optimiser for the launch profile; place (and under bf16, cast) frozen models."""
+    trainable = trainable_module(models)
+    parameters = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader to infer the micro-batch from (TRL's PPO sets it the same way); DeepSpeed clips gradients itself.
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = config.derived(accelerator.num_processes)["micro_batch_size"]
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    module, optimizer = accelerator.prepare(trainable, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP initialises lazily from the first forward of the root; generation enters through a submodule
+        # (policy.generate), which would make each block its own root. One tiny root forward settles it.
+        with torch.no_grad():
+            token = torch.ones((1, 1), dtype=torch.long, device=accelerator.device)
+            module(token, torch.ones_like(token))
+    for frozen in (models.reference, models.reward_model):
+        if frozen is not None:
+            frozen.to(accelerator.device).eval()
+            if accelerator.mixed_precision == "bf16":
+                frozen.to(torch.bfloat16)  # no gradients, no optimiser state: fp32 master weights buy nothing
+    return PreparedTraining(module, optimizer)
+
+
+def optimise(
+    prepared: PreparedTraining, batch: Experience, config: PPOConfig, accelerator: Accelerator, shuffle_generator: torch.Generator
+) -> dict[str, list[torch.Tensor]]:
+    """Step 7: K epochs over global minibatches of ``batch`` (the gathered rollout batch); returns per-micro-batch stats.
+
+    One permutation shared by all ranks cuts the global batch into minibatches, as torch's DistributedSampler
+    does; rank r runs episodes r, r+N, … of each as G micro-batches, and the gradient is all-reduced on the last.
+    """
+    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    accumulation = config.gradient_accumulation_steps
+    minibatch_size = config.rollout_batch_size // config.num_minibatches
+    micro_size = minibatch_size // world_size // accumulation
+    trainable, optimizer = prepared.module, prepared.optimizer
+    valid_tokens = batch.response_mask.sum(1).cpu()
+    step_stats: dict[str, list[torch.Tensor]] = {}
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(config.rollout_batch_size, generator=shuffle_generator)
+        for minibatch in order.split(minibatch_size):
+            minibatch_tokens = int(valid_tokens[minibatch].sum())
+            for micro in shard_for_rank(minibatch, rank, world_size).split(micro_size):
+                with accelerator.accumulate(trainable):
+                    loss, stats = ppo_minibatch_loss(trainable, batch.select(micro.to(device)), config)
+                    weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
+                    accelerator.backward(loss * weight)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in stats.items():
+                    step_stats.setdefault(name, []).append(value)
+    return step_stats
+
+
+def rollout_metrics(batch: Experience, kl_coef: float) -> dict[str, float]:
+    """Step 9: metrics of the global rollout batch, with the field's usual names."""
+    mask = batch.response_mask.float()
+    sequence_kl = float((batch.kl * mask).sum(1).mean())
+    scores_mean = float(batch.scores.mean())
+    non_score = float(-kl_coef * sequence_kl)
+    return {
+        "objective/kl": sequence_kl,
+        "objective/kl_coef": kl_coef,
+        "objective/scores": scores_mean,
+        "objective/non_score_reward": non_score,
+        "objective/rlhf_reward": scores_mean + non_score,
+        "objective/entropy": float(-(batch.logprobs * mask).sum(1).mean()),
+        "val/num_eos_tokens": float(batch.contains_eos.float().sum()),
+        "val/response_length": float(mask.sum(1).mean()),
+    }
+
+
 def train_ppo(
     models: PPOModels,
     prompts: list[str],
@@ -150,29 +564,27 @@ def train_ppo(
     seed: int,
     accelerator: Accelerator,
     log: Callable[[dict], None] = lambda record: None,
+    prepared: PreparedTraining | None = None,
 ) -> list[dict]:
-    """Train ``models.policy`` and ``models.critic`` in place; returns the per-iteration metric history."""
-    world_size, rank = accelerator.num_processes, accelerator.process_index
+    """Train the policy and value model in place; returns the per-iteration metric history (the same on every rank).
+
+    ``prepared``: from :func:`prepare_training` when the caller needs the wrapped module afterwards (export).
+    """
+    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     sizes = config.derived(world_size)
-    local_prompts = shard_for_rank(prompts, rank, world_size)
-    if len(local_prompts) < sizes["local_batch_size"]:
+    if len(prompts) < config.rollout_batch_size:
         raise ValueError(f"{len(prompts)} prompts cannot fill ppo.rollout_batch_size={config.rollout_batch_size}")
     all_reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if world_size > 1 else None
-
-    def global_mean(value: torch.Tensor) -> float:
-        return float(accelerator.reduce(value.detach().float().to(accelerator.device), reduction="mean")) if world_size > 1 else float(value)
-
-    trainable = PolicyAndCritic(models.policy, models.critic)
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate, eps=1e-5)
-    trainable, optimizer = accelerator.prepare(trainable, optimizer)
-    device = accelerator.device
-    models.reference.to(device).eval()
-    models.reward_model.to(device).eval()
+    prepared = prepared or prepare_training(models, config, accelerator)
+    trainable, optimizer = prepared.module, prepared.optimizer
     kl_controller = ppo.make_kl_controller(config.kl_coef, config.adaptive_kl, config.kl_target, config.kl_horizon)
-    # seeds differ per rank so processes sample different responses (and prompts) — N implementation details §"seeds"
+    # generate() samples from the global RNG: seeds differ per rank (N implementation details, "seeds").
     torch.manual_seed(seed * 1000 + rank)
-    prompt_generator = torch.Generator().manual_seed(seed * 1000 + rank)
-    shuffle_generator = torch.Generator().manual_seed(seed * 1000 + rank + 1)
+    # Streams shared by all ranks, so the global batch, the minibatch cuts and (per_episode) the sampling uniforms
+    # do not depend on the number of processes.
+    prompt_generator = torch.Generator().manual_seed(seed * 1000)
+    shuffle_generator = torch.Generator().manual_seed(seed * 1000 + 1)
+    uniform_generator = torch.Generator().manual_seed(2**32 + seed)  # apart from the per-rank seeds above
     history: list[dict] = []
     for iteration in range(config.iterations):
         timings: dict[str, float] = {}
@@ -180,57 +592,34 @@ def train_ppo(
         if config.anneal_lr:
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * (1.0 - iteration / config.iterations)
-        # 1. sample this process's prompts
-        index = torch.randperm(len(local_prompts), generator=prompt_generator)[: sizes["local_batch_size"]].tolist()
-        batch_prompts = [local_prompts[i] for i in index]
-        # 2–4. generate, truncate, score, evaluate old policy / reference / critic
-        unwrapped = accelerator.unwrap_model(trainable)
-        unwrapped.eval()
-        experience = collect_experience(models, unwrapped, batch_prompts, config, sizes["local_minibatch_size"], device)
+        # 1. the global batch of prompts (no prompt twice); this rank's episodes are r, r+N, …
+        batch_index = torch.randperm(len(prompts), generator=prompt_generator)[: config.rollout_batch_size].tolist()
+        local_prompts = shard_for_rank([prompts[i] for i in batch_index], rank, world_size)
+        uniforms = None
+        if config.sampling_seeds == "per_episode":
+            uniforms = shard_for_rank(torch.rand(config.rollout_batch_size, config.response_length, generator=uniform_generator), rank, world_size)
+        # 2–4. generate, truncate, score, evaluate old policy / reference / values
+        with full_parameters(accelerator, trainable), accelerator.autocast():
+            unwrapped = accelerator.unwrap_model(trainable)
+            unwrapped.eval()
+            experience = collect_experience(models, unwrapped, local_prompts, config, sizes["local_minibatch_size"], device, uniforms)
         timings["timing/rollout"] = time.perf_counter() - started
         # 5–6. rewards and advantages (whitening statistics are global across processes)
         kl_coef = kl_controller.value
         experience = add_advantages(experience, config, kl_coef, all_reduce_sum)
-        # 7. K epochs over shuffled minibatches, gradient accumulation over micro-batches
+        batch = gather_experience(experience, accelerator, models.tokenizer.pad_token_id)
+        # 7. K epochs over global minibatches, gradient accumulation over micro-batches
         optimise_started = time.perf_counter()
         trainable.train()
-        step_stats: dict[str, list[torch.Tensor]] = {}
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(sizes["local_batch_size"], generator=shuffle_generator)
-            for minibatch in order.split(sizes["local_minibatch_size"]):
-                for micro in minibatch.split(sizes["micro_batch_size"]):
-                    with accelerator.accumulate(trainable):
-                        loss, stats = ppo_minibatch_loss(trainable, experience.select(micro.to(device)), config)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    for name, value in stats.items():
-                        step_stats.setdefault(name, []).append(value)
+        step_stats = optimise(prepared, batch, config, accelerator, shuffle_generator)
         timings["timing/optimise"] = time.perf_counter() - optimise_started
-        # 8. adaptive KL controller on the global mean sequence KL
-        mask = experience.response_mask.float()
-        sequence_kl = global_mean((experience.kl * mask).sum(1).mean())
-        kl_controller.update(sequence_kl, config.rollout_batch_size)
-        # 9. metrics with the field's usual names, averaged over processes
-        non_score = float(-kl_coef * sequence_kl)
-        scores_mean = global_mean(experience.scores.mean())
-        record = {
-            "step": iteration + 1,
-            "total": config.iterations,
-            "episodes": (iteration + 1) * config.rollout_batch_size,
-            "objective/kl": sequence_kl,
-            "objective/kl_coef": kl_coef,
-            "objective/scores": scores_mean,
-            "objective/non_score_reward": non_score,
-            "objective/rlhf_reward": scores_mean + non_score,
-            "objective/entropy": global_mean(-(experience.logprobs * mask).sum(1).mean()),
-            "val/num_eos_tokens": global_mean(experience.contains_eos.float().sum()) * world_size,
-            "val/response_length": global_mean(mask.sum(1).mean()),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        record.update({name: global_mean(torch.stack(values).mean()) for name, values in step_stats.items()})
+        # 8. adaptive KL controller on the global batch's mean sequence KL
+        record = {"step": iteration + 1, "total": config.iterations, "episodes": (iteration + 1) * config.rollout_batch_size}
+        record.update(rollout_metrics(batch, kl_coef))
+        kl_controller.update(record["objective/kl"], config.rollout_batch_size)
+        # 9. metrics: optimisation statistics averaged over processes (one collective)
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record.update(reduce_means({name: torch.stack(values).mean() for name, values in step_stats.items()}, accelerator))
         timings["timing/iteration"] = time.perf_counter() - started
         record.update(timings)
         record["eps"] = config.rollout_batch_size / timings["timing/iteration"]

@@ -1,23 +1,25 @@
 """Stage `ppo`: PPO against the reward model with a KL penalty to the frozen SFT policy.
 
-    accelerate launch --config_file configs/cpu-1proc.yaml -m tasks.ppo
+    accelerate launch --config_file ${ppo.config_file} --num_processes ${ppo.num_processes} \
+        --mixed_precision ${ppo.mixed_precision} -m tasks.ppo          # e.g. configs/cpu-2proc.yaml, 2, no
 
-Every process loads the models; only the main process writes models/policy, metrics/ppo.json and plots/ppo.csv.
+Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json and
+plots/ppo.csv. Profiles and memory options: README "Scaling PPO".
 """
 
 from __future__ import annotations
 
 import csv
+import resource
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from rlhf import data
 from rlhf.config import ConfigError, load_params
 from rlhf.data import DataError
-from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer, set_seed
-from rlhf.ppo_trainer import PPOModels, train_ppo
+from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
+from rlhf.ppo_trainer import export_policy, load_ppo_models, make_accelerator, prepare_training, train_ppo
 from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
 
 SFT_MODEL, REWARD_MODEL, PROMPTS = Path("models/sft"), Path("models/reward"), Path("data/prompts/train.jsonl")
@@ -25,19 +27,9 @@ OUT_DIR, METRICS, HISTORY = Path("models/policy"), Path("metrics/ppo.json"), Pat
 SUMMARY_KEYS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/policy/entropy", "val/response_length", "val/num_eos_tokens")
 
 
-def load_models(critic_from_reward: bool) -> PPOModels:
-    tokenizer = load_tokenizer(SFT_MODEL)
-    critic = load_scalar_model(REWARD_MODEL, tokenizer.pad_token_id)
-    if not critic_from_reward:
-        torch.nn.init.zeros_(critic.score.weight)
-    return PPOModels(
-        policy=load_policy(SFT_MODEL),
-        reference=load_policy(SFT_MODEL).requires_grad_(False),
-        critic=critic,
-        reward_model=load_scalar_model(REWARD_MODEL, tokenizer.pad_token_id).requires_grad_(False),
-        reward_normalization=RewardNormalization.load(REWARD_MODEL),
-        tokenizer=tokenizer,
-    )
+def peak_rss_mib() -> float:
+    """Peak resident memory of this (main) process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_history(history: list[dict]) -> None:
@@ -57,17 +49,23 @@ def main() -> None:
         check_prompts_fit(load_tokenizer(SFT_MODEL), [r["prompt"] for r in prompts], SFT_MODEL, config.response_length, str(PROMPTS))
     except (ConfigError, DataError) as error:
         fail(str(error))
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     try:
+        accelerator = make_accelerator(config)
         config.derived(accelerator.num_processes)
     except ConfigError as error:
         fail(str(error))
     set_seed(params.seed + 4)
-    models = load_models(config.value_init == "reward")
-    emit("ppo", "start", world_size=accelerator.num_processes, iterations=config.iterations, rollout_batch_size=config.rollout_batch_size)
-    history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, progress_logger("ppo"))
+    models = load_ppo_models(config, SFT_MODEL, REWARD_MODEL)
+    prepared = prepare_training(models, config, accelerator)
+    log = progress_logger("ppo") if accelerator.is_main_process else (lambda record: None)
     if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(models.policy)
+        trainable = sum(p.numel() for p in prepared.module.parameters() if p.requires_grad)
+        emit("ppo", "start", world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
+             mixed_precision=accelerator.mixed_precision, iterations=config.iterations, rollout_batch_size=config.rollout_batch_size,
+             policy_parameters=count_parameters(models.policy), trainable_parameters=trainable)
+    history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared)
+    policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
+    if accelerator.is_main_process:
         staging = staging_folder(OUT_DIR)
         policy.generation_config.update(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.response_length,
                                         eos_token_id=models.tokenizer.eos_token_id, pad_token_id=models.tokenizer.pad_token_id)
@@ -81,6 +79,8 @@ def main() -> None:
         metrics.update({f"tail_mean/{k}": sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS})
         metrics.update({
             "world_size": accelerator.num_processes,
+            "peak_rss_mib": peak_rss_mib(),
+            **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if accelerator.device.type == "cuda" else {}),
             "iterations": config.iterations,
             "episodes": last["episodes"],
             "episodes_per_second": last["episodes"] / sum(r["timing/iteration"] for r in history),
