@@ -3,8 +3,9 @@
     rlhf serve --cron "0 3 * * *"      # serves the deployment `rlhf-retrain` (at most one run at a time)
 
 Each run: 1. ask DVC whether any input changed (new labels, data, params, code); 2. if so, run the lifecycle;
-3. compare the new evaluation with the promoted model's record; 4. promote only if better by `margin`;
-5. record the decision as an artifact (key `retrain-decision`).
+3. compare the new evaluation with the promoted model's record; 4. promote only if better by `margin`, and then
+publish the release to the Hub if `publish_repo_id` is set (flows/publish.py); 5. record the decision as an
+artifact (key `retrain-decision`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lifecycle import lifecycle
+from flows.publish import publish_task
 from flows.stages import stage_environment
 
 PROMOTED_DIR = Path(".rlhf/promoted")  # the promoted release and its record (outside DVC: a decision, not an output)
@@ -67,8 +69,13 @@ def promote(repo_dir: str, metrics: dict) -> dict:
 
 
 @flow(name="rlhf-retrain", log_prints=True)
-def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, force: bool = False) -> dict:
-    """Retrain if inputs changed; promote the result only if it beats the promoted model."""
+def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, force: bool = False,
+            publish_repo_id: str = "", publish_private: bool = True, publish_min_value: float = 0.5) -> dict:
+    """Retrain if inputs changed; promote the result only if it beats the promoted model; publish what is promoted.
+
+    ``publish_repo_id`` empty means don't publish; otherwise a promoted release is uploaded to that Hub repo if its
+    ``metric`` is at least ``publish_min_value`` (token: HF_TOKEN or the Prefect Secret block `hf-token`).
+    """
     logger = get_run_logger()
     repo = str(Path(repo_dir).resolve())
     # 1. did anything change?
@@ -87,6 +94,9 @@ def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 
         if ok:
             promote(repo, new_metrics)
             decision["release"] = str(Path(repo, PROMOTED_DIR, "release"))
+            if publish_repo_id:
+                published = publish_task(repo, publish_repo_id, private=publish_private, metric=metric, min_value=publish_min_value)
+                decision["published"] = {key: published[key] for key in ("url", "commit_oid", "tag", "created_commit")}
     # 5. record the decision
     logger.info("retrain decision: %s", decision)
     lines = ["# Retrain decision", ""] + [f"- **{k}**: {v}" for k, v in decision.items()]
@@ -94,13 +104,13 @@ def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 
     return decision
 
 
-def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0) -> None:
+def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, publish_repo_id: str = "") -> None:
     """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time."""
     deployment = retrain.to_deployment(
         name="rlhf-retrain",
         cron=cron,
         concurrency_limit=1,
-        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin},
+        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin, "publish_repo_id": publish_repo_id},
         description="Retrain when inputs change; promote only if the evaluation beats the promoted model.",
     )
     from prefect import serve as prefect_serve

@@ -6,6 +6,9 @@
     rlhf status                out-of-date stages (`dvc status`)
     rlhf serve --cron EXPR     serve the scheduled retraining deployment `rlhf-retrain`
     rlhf label                 label pending pairs in the Prefect UI (flow `rlhf-human-labels`)
+    rlhf publish --repo-id ORG/NAME [--public] [--force] [--metric M --min-value V]
+                               upload models/release to the Hub (HF_TOKEN, HF_ENDPOINT) if metrics/evaluate.json
+                               passes the gate; tagged run-<release md5 in dvc.lock>; a second publish is a no-op
 
 Prefect: with PREFECT_API_URL set the runs go to that server (start one with `prefect server start`, UI at
 http://127.0.0.1:4200); otherwise a temporary local server is started for the run.
@@ -41,6 +44,30 @@ def prefect_defaults() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def publish_command(args: argparse.Namespace) -> int:
+    """`rlhf publish`: the token comes from HF_TOKEN only and is never echoed."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # before huggingface_hub is imported: classic LFS upload
+    import json
+    import logging
+
+    from rlhf.hub import GateFailed, publish_release
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics_path = Path("metrics/evaluate.json")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        result = publish_release(args.release_dir, args.repo_id, token=token, private=not args.public, gate_metrics=metrics,
+                                 gate=(args.metric, args.min_value), force=args.force)
+    except GateFailed as failure:
+        print(f"not published: {failure} (use --force to publish anyway)", file=sys.stderr)
+        return 2
+    state = "new commit" if result.created_commit else "unchanged, no new commit"
+    print(f"published {result.url} @ {result.commit_oid} tag {result.tag} ({state})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,10 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     serve.add_argument("--metric", default="gold_win_rate", help="evaluation metric the gate compares")
     serve.add_argument("--margin", type=float, default=0.0, help="how much better a new model must be to be promoted")
+    serve.add_argument("--publish-repo-id", default="", help="publish each promoted release to this Hub repo (HF_TOKEN)")
     label = commands.add_parser("label", help="collect human preference labels through the Prefect UI")
     label.add_argument("--batch-size", type=int, default=8)
     label.add_argument("--batches", type=int, default=1)
+    publish = commands.add_parser("publish", help="upload models/release to the Hugging Face Hub, gated on evaluation")
+    publish.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (or the HF_ENDPOINT deployment)")
+    publish.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    publish.add_argument("--force", action="store_true", help="publish even if the evaluation gate fails")
+    publish.add_argument("--metric", default="gold_win_rate", help="metrics/evaluate.json key the gate checks")
+    publish.add_argument("--min-value", type=float, default=0.5, help="the gate: metric must be at least this")
+    publish.add_argument("--release-dir", default="models/release")
     args = parser.parse_args(argv)
+    if args.command == "publish":
+        return publish_command(args)
     if args.command == "repro":
         return dvc("repro")
     if args.command == "stage":
@@ -73,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from flows.retrain import serve as serve_retrain
 
-        serve_retrain(args.cron, ".", args.metric, args.margin)
+        serve_retrain(args.cron, ".", args.metric, args.margin, args.publish_repo_id)
         return 0
     from flows.labeling import collect_human_labels
 

@@ -8,6 +8,7 @@ key, before any stage does work. Derived sizes are computed (and checked for exa
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +137,15 @@ class PPOConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+    checkpoint_every: int = 0  # save the policy every N iterations to models/policy_checkpoints/step-N (0 = only the final one)
 
     def __post_init__(self) -> None:
         choices = {"value_model": {"critic", "head"}, "sampling_seeds": {"per_rank", "per_episode"}, "mixed_precision": {"no", "bf16"}}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        if self.num_processes < 1 or self.lora_rank < 0:
-            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1 and ppo.lora_rank ≥ 0")
+        if self.num_processes < 1 or self.lora_rank < 0 or self.checkpoint_every < 0:
+            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and ppo.checkpoint_every ≥ 0")
 
     def derived(self, world_size: int) -> dict[str, int]:
         """Per-process sizes; every division must be exact.
@@ -167,6 +169,8 @@ class EvaluateConfig:
     gold: str = "rlhf.embedded:gold_score"  # `module:callable` gold judge ("" = no gold metrics)
     validity: str = "rlhf.embedded:is_valid"  # `module:callable` (prompt, response) -> bool ("" = only "ended with EOS")
     n_samples_table: int = 12  # rows in the sample table
+    checkpoint_prompts: int = 64  # held-out prompts (the first N) each PPO checkpoint is scored on (over-optimisation curve)
+    bootstrap_resamples: int = 1000  # percentile-bootstrap resamples for the win-rate intervals (95 %)
     batch_size: int = 256  # prompts per generation batch
 
 
@@ -229,11 +233,26 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (only true/false), as DVC reads and writes params.yaml (ruamel).
+
+    `dvc exp run -S` rewrites params.yaml and drops the quotes of ``mixed_precision: 'no'``; YAML 1.1 would read
+    the bare ``no`` as False.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml (missing keys take the documented defaults)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as error:

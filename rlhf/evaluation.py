@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,12 +64,70 @@ def sample_and_score(
     return out
 
 
-def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
-    """Share of paired comparisons a wins, ties counting half."""
+T = TypeVar("T")
+
+
+def pair_outcomes(scores_a: list[float], scores_b: list[float]) -> list[float]:
+    """Per paired comparison: 1 if a wins, 0.5 for a tie, 0 if b wins."""
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError("win_rate needs two equally long, non-empty score lists")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b))
-    return wins / len(scores_a)
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
+    """Share of paired comparisons a wins, ties counting half."""
+    outcomes = pair_outcomes(scores_a, scores_b)
+    return sum(outcomes) / len(outcomes)
+
+
+def bootstrap_interval(
+    values: Sequence[T],
+    statistic: Callable[[list[T]], float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(values)`` (Efron & Tibshirani 1993, ch. 13).
+
+    Draws ``n_resamples`` samples of len(values) with replacement (numpy PCG64 seeded with ``seed``, so the
+    interval is a deterministic function of its arguments) and returns the (1 − confidence)/2 and
+    (1 + confidence)/2 quantiles of the resampled statistic.
+    """
+    if not values:
+        raise ValueError("bootstrap_interval needs a non-empty sample")
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError("bootstrap_interval needs 0 < confidence < 1 and n_resamples ≥ 1")
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, len(values), size=(n_resamples, len(values)))
+    resampled = np.array([statistic([values[i] for i in row]) for row in indices], dtype=float)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def win_rate_interval(
+    scores_a: list[float],
+    scores_b: list[float],
+    groups: list[Any] | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of :func:`win_rate` over the per-pair outcomes (1 / 0.5 / 0).
+
+    ``groups`` (e.g. the prompt of each pair) resamples whole groups instead of single pairs: samples of one prompt
+    are correlated, and treating them as independent would make the interval too narrow.
+    """
+    outcomes = pair_outcomes(scores_a, scores_b)
+    keys = groups if groups is not None else list(range(len(outcomes)))
+    clusters: dict[Any, list[float]] = {}
+    for key, outcome in zip(keys, outcomes):
+        clusters.setdefault(key, []).append(outcome)
+
+    def pooled_win_rate(sample: list[list[float]]) -> float:
+        return sum(map(sum, sample)) / sum(map(len, sample))
+
+    return bootstrap_interval(list(clusters.values()), pooled_win_rate, n_resamples, confidence, seed)
 
 
 def distinct_fraction(texts: list[str]) -> float:
@@ -74,13 +135,36 @@ def distinct_fraction(texts: list[str]) -> float:
     return len(set(texts)) / max(1, len(texts))
 
 
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """Whitespace-token n-grams of one text."""
+    words = text.split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """distinct-n (Li et al. 2016): unique word n-grams / all word n-grams, pooled over ``texts`` (0 if none)."""
+    ngrams = [gram for text in texts for gram in word_ngrams(text, n)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def repetition_rate(texts: list[str], n: int = 2) -> float:
+    """Share of texts in which some word n-gram occurs more than once (degenerate loops: "was lovely was lovely")."""
+    repeated = [any(count > 1 for count in Counter(word_ngrams(text, n)).values()) for text in texts]
+    return sum(repeated) / max(1, len(texts))
+
+
 def compare_policies(
     policy: Samples,
     sft: Samples,
     gold: Callable[[str, str], float] | None,
     is_valid: Callable[[str, str], bool] | None,
+    seed: int = 0,
+    n_resamples: int = 1000,
 ) -> dict[str, float]:
-    """Metrics of ``policy`` vs ``sft`` (paired sample by sample, same prompts in the same order)."""
+    """Metrics of ``policy`` vs ``sft`` (paired sample by sample, same prompts in the same order).
+
+    Win rates come with a 95 % percentile-bootstrap interval (``*_ci_low``/``*_ci_high``) that resamples prompts.
+    """
     mean = statistics.fmean
     metrics: dict[str, float] = {
         "n_prompts": len(set(policy.prompts)),
@@ -95,7 +179,15 @@ def compare_policies(
         "response_length_sft": mean(sft.lengths),
         "distinct_policy": distinct_fraction(policy.responses),
         "distinct_sft": distinct_fraction(sft.responses),
+        "distinct_1_policy": distinct_n(policy.responses, 1),
+        "distinct_1_sft": distinct_n(sft.responses, 1),
+        "distinct_2_policy": distinct_n(policy.responses, 2),
+        "distinct_2_sft": distinct_n(sft.responses, 2),
+        "repetition_rate_policy": repetition_rate(policy.responses),
+        "repetition_rate_sft": repetition_rate(sft.responses),
     }
+    interval = dict(groups=policy.prompts, n_resamples=n_resamples, seed=seed)
+    metrics["rm_win_rate_ci_low"], metrics["rm_win_rate_ci_high"] = win_rate_interval(policy.rm_scores, sft.rm_scores, **interval)
 
     def valid(samples: Samples) -> list[bool]:
         checks = zip(samples.prompts, samples.responses, samples.finished)
@@ -110,6 +202,7 @@ def compare_policies(
         metrics.update(
             {
                 "gold_win_rate": win_rate(gold_policy, gold_sft),
+                **dict(zip(("gold_win_rate_ci_low", "gold_win_rate_ci_high"), win_rate_interval(gold_policy, gold_sft, **interval))),
                 "gold_score_policy": mean(gold_policy),
                 "gold_score_sft": mean(gold_sft),
                 "gold_score_sft_std": sft_std,
@@ -136,3 +229,15 @@ def samples_table(policy: Samples, sft: Samples, gold: Callable[[str, str], floa
             f"{sft.rm_scores[i]:.2f} | {policy.rm_scores[i]:.2f} | {gold_sft} | {gold_ppo} |"
         )
     return header + "\n".join(rows) + "\n"
+
+
+def checkpoint_summary(samples: Samples, gold: Callable[[str, str], float] | None, is_valid: Callable[[str, str], bool] | None) -> dict[str, float | str]:
+    """One point of the over-optimisation curve: mean RM (proxy) score, gold score, KL to the reference, validity."""
+    mean = statistics.fmean
+    checks = zip(samples.prompts, samples.responses, samples.finished)
+    return {
+        "rm_score": mean(samples.rm_scores),
+        "gold_score": mean(gold(p, r) for p, r in zip(samples.prompts, samples.responses)) if gold else "",
+        "kl": mean(samples.kl_to_reference),
+        "valid_rate": mean(float(done and (is_valid is None or is_valid(p, r))) for p, r, done in checks),
+    }

@@ -565,10 +565,13 @@ def train_ppo(
     accelerator: Accelerator,
     log: Callable[[dict], None] = lambda record: None,
     prepared: PreparedTraining | None = None,
+    on_iteration: Callable[[int, Accelerator, PreparedTraining], None] | None = None,
 ) -> list[dict]:
     """Train the policy and value model in place; returns the per-iteration metric history (the same on every rank).
 
     ``prepared``: from :func:`prepare_training` when the caller needs the wrapped module afterwards (export).
+    ``on_iteration(step, accelerator, prepared)``: called on every process after each iteration (step counts from 1),
+    e.g. to save a checkpoint through :func:`export_policy` (a collective under FSDP).
     """
     world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     sizes = config.derived(world_size)
@@ -626,5 +629,7 @@ def train_ppo(
         history.append(record)
         if accelerator.is_main_process:
             log(record)
+        if on_iteration is not None:
+            on_iteration(iteration + 1, accelerator, prepared)
     accelerator.wait_for_everyone()
     return history

@@ -3,27 +3,34 @@
     accelerate launch --config_file ${ppo.config_file} --num_processes ${ppo.num_processes} \
         --mixed_precision ${ppo.mixed_precision} -m tasks.ppo          # e.g. configs/cpu-2proc.yaml, 2, no
 
-Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json and
-plots/ppo.csv. Profiles and memory options: README "Scaling PPO".
+Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json,
+plots/ppo.csv and models/policy_checkpoints/step-N (every ppo.checkpoint_every iterations and the last; the evaluate
+stage scores them for the over-optimisation curve). Profiles and memory options: README "Scaling PPO".
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import resource
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import data
-from rlhf.config import ConfigError, load_params
+from rlhf.config import ConfigError, PPOConfig, load_params
 from rlhf.data import DataError
 from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
-from rlhf.ppo_trainer import export_policy, load_ppo_models, make_accelerator, prepare_training, train_ppo
+from rlhf.modeling import merge_lora
+from rlhf.ppo_trainer import PreparedTraining, export_policy, load_ppo_models, make_accelerator, prepare_training, train_ppo
 from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
 
 SFT_MODEL, REWARD_MODEL, PROMPTS = Path("models/sft"), Path("models/reward"), Path("data/prompts/train.jsonl")
 OUT_DIR, METRICS, HISTORY = Path("models/policy"), Path("metrics/ppo.json"), Path("plots/ppo.csv")
+CHECKPOINTS = Path("models/policy_checkpoints")
 SUMMARY_KEYS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/policy/entropy", "val/response_length", "val/num_eos_tokens")
 
 
@@ -38,6 +45,41 @@ def write_history(history: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
+
+
+def save_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PPOConfig, folder: Path) -> None:
+    """A loadable policy folder whose generation config samples as in training."""
+    policy.generation_config.update(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.response_length,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def checkpoint_steps(config: PPOConfig) -> set[int]:
+    """Iterations after which the policy is saved: every ``checkpoint_every`` and always the last."""
+    every = config.checkpoint_every or config.iterations
+    return set(range(every, config.iterations + 1, every)) | {config.iterations}
+
+
+def checkpoint_saver(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, staging: Path | None):
+    """``on_iteration`` callback of train_ppo that writes ``staging/step-N`` at the checkpoint steps (main process)."""
+    steps = checkpoint_steps(config)
+
+    def save(step: int, accelerator: Accelerator, prepared: PreparedTraining) -> None:
+        if step not in steps:
+            return
+        # a checkpoint must not change training: FSDP's export builds a model (weight init draws from the RNG)
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            if config.lora_rank > 0 and accelerator.distributed_type != DistributedType.FSDP:
+                # export_policy merges LoRA in place, which would end training's adapters: merge a copy instead
+                unwrapped = accelerator.unwrap_model(prepared.module)
+                policy = merge_lora(copy.deepcopy(unwrapped.policy)) if accelerator.is_main_process else None
+            else:
+                policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
+            if accelerator.is_main_process:
+                save_policy(policy, tokenizer, config, staging / f"step-{step}")
+
+    return save
 
 
 def main() -> None:
@@ -63,15 +105,15 @@ def main() -> None:
         emit("ppo", "start", world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
              mixed_precision=accelerator.mixed_precision, iterations=config.iterations, rollout_batch_size=config.rollout_batch_size,
              policy_parameters=count_parameters(models.policy), trainable_parameters=trainable)
-    history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared)
+    checkpoint_staging = staging_folder(CHECKPOINTS) if accelerator.is_main_process else None
+    save_checkpoint = checkpoint_saver(config, models.tokenizer, checkpoint_staging)
+    history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared, save_checkpoint)
     policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
     if accelerator.is_main_process:
         staging = staging_folder(OUT_DIR)
-        policy.generation_config.update(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.response_length,
-                                        eos_token_id=models.tokenizer.eos_token_id, pad_token_id=models.tokenizer.pad_token_id)
-        policy.save_pretrained(staging, safe_serialization=True)
-        models.tokenizer.save_pretrained(staging)
+        save_policy(policy, models.tokenizer, config, staging)
         replace_folder(staging, OUT_DIR)
+        replace_folder(checkpoint_staging, CHECKPOINTS)
         write_history(history)
         last = history[-1]
         tail = history[-max(1, len(history) // 10):]  # mean over the last 10 % of iterations: less noisy than the last one

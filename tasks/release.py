@@ -9,12 +9,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from rlhf.card import build_model_card, lineage_from_lock, read_json
+from rlhf.card import build_model_card, lineage_from_lock, read_csv, read_json
 from rlhf.config import ConfigError, as_dict, load_params
 from rlhf.stage import emit, fail, replace_folder, staging_folder
 
 POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
 UPSTREAM = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate"]
+PLOTS = (Path("plots/ppo_training.png"), Path("plots/overoptimization.png"))  # copied next to the card
 RELEASE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -37,6 +38,10 @@ def main() -> None:
     for path in POLICY.iterdir():
         if path.name in RELEASE_FILES or path.suffix in {".json", ".txt", ".model"}:
             shutil.copy2(path, staging / path.name)
+    plots = [path.name for path in PLOTS if path.exists()]
+    for path in PLOTS:
+        if path.exists():
+            shutil.copy2(path, staging / path.name)
     evaluation = read_json(Path("metrics/evaluate.json"))
     card = build_model_card(
         model_name=params.release.model_name,
@@ -51,8 +56,10 @@ def main() -> None:
         git_commit=git_commit(),
         lineage=lineage_from_lock(Path("dvc.lock"), UPSTREAM),
         samples_markdown=Path("metrics/samples.md").read_text() if Path("metrics/samples.md").exists() else "",
+        overoptimization=read_csv(Path("plots/overoptimization.csv")),
+        plots=plots,
     )
-    (staging / "README.md").write_text(card)
+    card.save(staging / "README.md")
     replace_folder(staging, OUT_DIR)
     emit("release", "metrics", files=sorted(p.name for p in OUT_DIR.iterdir()))
 

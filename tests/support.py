@@ -24,8 +24,8 @@ def tiny_params() -> dict:
     params["sft"].update(steps=60, batch_size=32, warmup_steps=5, eval_every=30)
     params["sample_pairs"].update(n_prompts=48, samples_per_prompt=3)
     params["reward"].update(epochs=1, batch_size=16, warmup_steps=2)
-    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2)
-    params["evaluate"].update(n_prompts=8, samples_per_prompt=2)
+    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2, checkpoint_every=1)  # 2 checkpoints
+    params["evaluate"].update(n_prompts=8, samples_per_prompt=2, checkpoint_prompts=4, bootstrap_resamples=200)
     return params
 
 

@@ -41,6 +41,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(repo: Path) -> None:
     assert evaluation["n_prompts"] > 0 and 0 <= evaluation["gold_win_rate"] <= 1
     card = (repo / "models/release/README.md").read_text()
     assert lock["stages"]["ppo"]["outs"][0]["md5"] in card  # lineage: the card names the DVC hash of the policy
+    for stage in ("prepare", "ppo", "evaluate"):  # … and of every dep and out of the upstream stages
+        assert all(item["md5"] in card for kind in ("deps", "outs") for item in lock["stages"][stage].get(kind, []))
+    assert {"models/policy_checkpoints", "plots/ppo.csv"} <= {dep["path"] for dep in lock["stages"]["evaluate"]["deps"]}
     again = run(repo, sys.executable, "-m", "dvc", "repro")
     assert stages_run(again) == [] and "up to date" in again
     shown = run(repo, sys.executable, "-m", "dvc", "metrics", "show", "--json")

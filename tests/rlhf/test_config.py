@@ -39,3 +39,19 @@ def test_derived_sizes_divide_exactly() -> None:
     assert config.derived(2) == {"local_batch_size": 64, "local_minibatch_size": 16, "micro_batch_size": 8}
     with pytest.raises(ConfigError, match="divisible"):
         PPOConfig(rollout_batch_size=100, num_minibatches=3).derived(1)
+
+
+def test_a_bare_no_is_a_string_as_dvc_writes_it(tmp_path: Path) -> None:
+    # `dvc exp run -S` rewrites params.yaml as YAML 1.2 and drops the quotes of 'no'; YAML 1.1 would read False
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo: {mixed_precision: no, adaptive_kl: false, checkpoint_every: 15}\n")
+    params = load_params(path)
+    assert params.ppo.mixed_precision == "no" and params.ppo.adaptive_kl is False and params.ppo.checkpoint_every == 15
+
+
+def test_params_are_read_with_yaml_1_2_booleans_as_dvc_writes_them(tmp_path: Path) -> None:
+    # `dvc exp run -S` rewrites params.yaml with `mixed_precision: no` unquoted: a string in YAML 1.2
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo:\n  mixed_precision: no\n  anneal_lr: false\n")
+    params = load_params(path)
+    assert params.ppo.mixed_precision == "no" and params.ppo.anneal_lr is False

@@ -201,6 +201,26 @@ def test_ppo_updates_the_policy_and_logs_the_usual_metrics(pipeline_workspace: P
     assert any(not torch.equal(policy[k], sft[k]) for k in policy)
 
 
+def test_checkpoint_steps_are_every_n_iterations_and_the_last() -> None:
+    from rlhf.config import PPOConfig
+    from tasks.ppo import checkpoint_steps
+
+    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=15)) == {15, 30, 45, 60}
+    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=25)) == {25, 50, 60}
+    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=0)) == {60}  # 0 = only the final policy
+
+
+def test_ppo_saves_a_policy_checkpoint_every_checkpoint_every_iterations(pipeline_workspace: Path) -> None:
+    # tiny params: 2 iterations, checkpoint_every 1 → step-1 and step-2; the last is the final policy
+    folder = pipeline_workspace / "models/policy_checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2"]
+    final = load_file(pipeline_workspace / "models/policy/model.safetensors")
+    last, first = load_file(folder / "step-2/model.safetensors"), load_file(folder / "step-1/model.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(first[k], last[k]) for k in final)
+    assert (folder / "step-1/tokenizer.json").exists() and (folder / "step-1/generation_config.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -210,8 +230,22 @@ def test_evaluate_reports_proxy_and_gold_side_by_side(pipeline_workspace: Path) 
                  "valid_rate_policy", "valid_rate_sft", "n_prompts", "distinct_policy", "response_length_policy"):
         assert name in metrics
     assert metrics["n_samples"] == 16 and 0.0 <= metrics["gold_win_rate"] <= 1.0
+    assert metrics["gold_win_rate_ci_low"] <= metrics["gold_win_rate"] <= metrics["gold_win_rate_ci_high"]
+    for name in ("distinct_1_policy", "distinct_2_policy", "repetition_rate_policy", "repetition_rate_sft"):
+        assert 0.0 <= metrics[name] <= 1.0
     table = (pipeline_workspace / "metrics/samples.md").read_text()
     assert table.count("\n| ") >= 12  # header + 12 sample rows (n_samples_table)
+
+
+def test_evaluate_scores_every_checkpoint_for_the_overoptimization_curve(pipeline_workspace: Path) -> None:
+    with (pipeline_workspace / "plots/overoptimization.csv").open() as handle:
+        curve = list(csv.DictReader(handle))
+    # step 0 is the SFT policy (KL 0 to itself), then each saved checkpoint
+    assert [row["step"] for row in curve] == ["0", "1", "2"]
+    assert {"rm_score", "gold_score", "kl", "valid_rate"} <= set(curve[0])
+    assert abs(float(curve[0]["kl"])) < 1e-6
+    for name in ("plots/ppo_training.png", "plots/overoptimization.png"):
+        assert (pipeline_workspace / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_of_the_sft_policy_against_itself_is_a_tie_with_zero_kl(in_copy_of_workspace: Path) -> None:
@@ -237,7 +271,16 @@ def test_release_folder_is_loadable_and_its_card_quotes_the_metrics(pipeline_wor
     assert {"rlhf", "ppo"} <= set(front_matter["tags"])
     evaluation = read_json(pipeline_workspace / "metrics/evaluate.json")
     assert f"| gold_win_rate | {evaluation['gold_win_rate']:.4g} |" in card
-    assert "git commit" in card and "## Limitations" in card
+    assert "git commit" in card and "## Limitations" in card and "## How to load and generate" in card
+    # the model-index is evaluate.json, number for number
+    model_index = front_matter["model-index"][0]["results"][0]
+    assert model_index["task"]["type"] == "text-generation"
+    published = {m["type"]: m["value"] for m in model_index["metrics"]}
+    assert {"gold_win_rate", "gold_win_rate_ci_low", "gold_win_rate_ci_high", "rm_score_policy", "kl_to_ref", "valid_rate_policy"} <= set(published)
+    assert all(published[name] == evaluation[name] for name in published)
+    # the plots travel with the card
+    for name in ("ppo_training.png", "overoptimization.png"):
+        assert (folder / name).exists() and f"]({name})" in card
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     inputs = tokenizer("the plot was", return_tensors="pt")
