@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,19 @@ def publish_once(repo_dir: str, repo_id: str) -> dict:
     return publish_task(repo_dir, repo_id, secret_block="hf-token-test")
 
 
-def flow_run_logs(flow_run_id) -> str:
+def flow_run_logs(flow_run_id, expected: str, timeout_s: float = 60) -> str:
+    """The run's logs; they reach the API in background batches, so wait until ``expected`` has arrived."""
+
     async def read():
         async with get_client() as client:
             return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
-    return "\n".join(log.message for log in asyncio.run(read()))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = "\n".join(log.message for log in asyncio.run(read()))
+        if expected in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
 
 
 def test_publish_task_reads_the_secret_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -48,7 +56,7 @@ def test_publish_task_reads_the_secret_block(tmp_path: Path, monkeypatch: pytest
         state = publish_once(str(repo), "org/flow", return_state=True)
         result = state.result()
         artifact = Artifact.get(PUBLISH_ARTIFACT_KEY)
-        logs = flow_run_logs(state.state_details.flow_run_id)
+        logs = flow_run_logs(state.state_details.flow_run_id, "published org/flow")
     assert result["created_commit"] and hub.repos["org/flow"].tags[result["tag"]] == result["commit_oid"]
     assert result["commit_oid"] in artifact.data and result["tag"] in artifact.data
     assert "published org/flow" in logs and TOKEN not in logs and TOKEN not in artifact.data
