@@ -10,7 +10,6 @@ finishes in a COMPLETED state named ``Cached``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import deque
@@ -22,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.states import Completed
 
+from rlhf.cli import stage_environment as cli_stage_environment
 from rlhf.stage import PROGRESS_PREFIX
 
 SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
@@ -48,13 +48,8 @@ def stage_metrics_files(repo_dir: str | Path, stage: str) -> list[Path]:
 
 
 def stage_environment() -> dict[str, str]:
-    """Stage commands must find this installation's `python`/`accelerate`; no analytics calls offline."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    """The CLI's stage environment, unbuffered so stage output streams into the task log line by line."""
+    return {**cli_stage_environment(), "PYTHONUNBUFFERED": "1"}
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, object]:

@@ -52,7 +52,7 @@ from rlhf.modeling import (
     position_ids_from_mask,
     value_head_for,
 )
-from rlhf.rollout import Experience, generate_responses, response_logprobs, reward_scores
+from rlhf.rollout import Experience, generate_responses, pad_responses, response_logprobs, reward_scores
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -351,9 +351,7 @@ def generate_with_uniforms(
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    responses = output[:, query_ids.shape[1] :]
-    padding = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
-    return torch.cat([responses, padding], dim=1)
+    return pad_responses(output[:, query_ids.shape[1] :], max_new_tokens, pad_token_id)
 
 
 def policy_logprobs_and_values(

@@ -49,11 +49,15 @@ def generate_responses(
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    responses = output[:, query_ids.shape[1] :]
-    if responses.shape[1] < max_new_tokens:  # generation stopped early: every row ended
-        padding = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
-        responses = torch.cat([responses, padding], dim=1)
-    return responses
+    return pad_responses(output[:, query_ids.shape[1] :], max_new_tokens, pad_token_id)
+
+
+def pad_responses(responses: torch.Tensor, length: int, pad_token_id: int) -> torch.Tensor:
+    """(b, t ≤ length) → (b, length): generate() stops early once every row has ended; pad the rest."""
+    if responses.shape[1] == length:
+        return responses
+    padding = responses.new_full((responses.shape[0], length - responses.shape[1]), pad_token_id)
+    return torch.cat([responses, padding], dim=1)
 
 
 def response_logprobs(
