@@ -63,13 +63,13 @@ def main() -> None:
         config = params.evaluate
         prompts = data.read_jsonl(PROMPTS)
         data.validate_prompts(prompts, str(PROMPTS))
-        check_prompts_fit(load_tokenizer(POLICY), [r["prompt"] for r in prompts], POLICY, config.max_new_tokens, str(PROMPTS))
+        tokenizer = load_tokenizer(POLICY)
+        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], POLICY, config.max_new_tokens, str(PROMPTS))
         gold = load_callable(config.gold) if config.gold else None
         is_valid = load_callable(config.validity) if config.validity else None
     except (ConfigError, DataError, ValueError) as error:
         fail(str(error))
     prompts = [r["prompt"] for r in (prompts[: config.n_prompts] if config.n_prompts else prompts)]
-    tokenizer = load_tokenizer(POLICY)
     sft = load_policy(SFT_MODEL).eval()
     policy = load_policy(POLICY).eval()
     reward_model = load_scalar_model(REWARD_MODEL, tokenizer.pad_token_id).eval()
