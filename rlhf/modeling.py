@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from rlhf import lean_gpt2
 from rlhf.config import TinyModelConfig
 
 REWARD_NORMALIZATION_FILE = "reward_normalization.json"
@@ -97,7 +98,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(b, t) ids → (b, t, vocab) logits with positions from the mask."""
+    """(b, t) ids → (b, t, vocab) logits with positions from the mask (the lean GPT-2 forward where it applies)."""
+    if lean_gpt2.supports(model):
+        return lean_gpt2.lm_logits(model, lean_gpt2.full_forward(model, input_ids, attention_mask))
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -109,6 +112,8 @@ def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
 
 def per_token_scalars(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(b, t) ids → (b, t) scalar head output at every position (values of a critic, scores of a reward model)."""
+    if lean_gpt2.supports(model):
+        return model.score(lean_gpt2.full_forward(model, input_ids, attention_mask)).squeeze(-1)
     hidden = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

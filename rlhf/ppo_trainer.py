@@ -38,7 +38,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import ppo
+from rlhf import lean_gpt2, ppo
 from rlhf.config import ConfigError, PPOConfig
 from rlhf.modeling import (
     RewardNormalization,
@@ -52,7 +52,7 @@ from rlhf.modeling import (
     position_ids_from_mask,
     value_head_for,
 )
-from rlhf.rollout import Experience, generate_responses, pad_responses, response_logprobs, reward_scores
+from rlhf.rollout import Experience, generate_responses, pad_responses, response_logprobs, response_values, reward_scores
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -65,13 +65,20 @@ class PolicyAndCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        self.lean = lean_gpt2.supports(policy) and lean_gpt2.supports(critic)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, q+t) ids → policy logits (b, q+t, vocab) and critic values (b, q+t)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, s) ids → policy logits (b, s', vocab) and critic values (b, s'): every position (s' = s), or with
+        ``response_start`` = q only the positions q−1 … s−2 that predict the response tokens (s' = s − q)."""
+        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
+        if self.lean:
+            hidden = lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep]
+            values = self.critic.score(lean_gpt2.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
+            return lean_gpt2.lm_logits(self.policy, hidden), values  # the LM head only where it is read
         position_ids = position_ids_from_mask(attention_mask)
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        return logits, self.critic.score(hidden).squeeze(-1)
+        return logits[:, keep], self.critic.score(hidden[:, keep]).squeeze(-1)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -85,9 +92,14 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
+        self.lean = lean_gpt2.supports(policy)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, q+t) ids → policy logits (b, q+t, vocab) and values (b, q+t)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, s) ids → policy logits (b, s', vocab) and values (b, s'); ``response_start`` as in PolicyAndCritic."""
+        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
+        if self.lean:
+            hidden = lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep]
+            return lean_gpt2.lm_logits(self.policy, hidden), self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         output = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -95,8 +107,8 @@ class PolicyWithValueHead(nn.Module):
             use_cache=False,
             output_hidden_states=True,
         )
-        hidden = output.hidden_states[-1]  # after the final layer norm, the input of the LM head
-        return output.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        hidden = output.hidden_states[-1][:, keep]  # after the final layer norm, the input of the LM head
+        return output.logits[:, keep], self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 @dataclass
@@ -187,7 +199,8 @@ def gather_experience(experience: Experience, accelerator: Accelerator, pad_toke
     """Every process gets the whole rollout batch, in global episode order.
 
     Only ids, masks and per-token statistics travel (no logits): (N·b) × (q + 8t) numbers. Queries are left-padded
-    to each process's longest prompt, so they are first left-padded to the longest over all processes.
+    to each process's longest prompt and responses cut to each process's longest response, so both are first padded
+    (queries on the left, responses on the right) to the longest over all processes.
     """
     if accelerator.num_processes == 1:
         return experience
@@ -198,8 +211,10 @@ def gather_experience(experience: Experience, accelerator: Accelerator, pad_toke
             continue
         is_bool = value.dtype == torch.bool
         tensor = value.to(torch.uint8) if is_bool else value
-        if name in ("query_ids", "query_mask"):
+        if name in Experience.QUERY_FIELDS:
             tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_token_id if name == "query_ids" else 0, pad_first=True)
+        elif name in Experience.RESPONSE_FIELDS:
+            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_token_id if name == "responses" else 0)
         tensor = accelerator.gather(tensor.contiguous())
         gathered[name] = tensor.bool() if is_bool else tensor
     order = global_episode_order(experience.query_ids.shape[0], accelerator.num_processes)
@@ -360,10 +375,9 @@ def policy_logprobs_and_values(
     """(b, t) log-probs of the response tokens (logits / temperature) and (b, t) values V(s_i) before each token."""
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-    logits, values = trainable(input_ids, attention_mask)
     # the logit at position i predicts token i+1: response tokens are predicted from q−1 … q+t−2
-    response_positions = slice(query_ids.shape[1] - 1, -1)
-    return ppo.logprobs_from_logits(logits[:, response_positions], responses, temperature), values[:, response_positions]
+    logits, values = trainable(input_ids, attention_mask, response_start=query_ids.shape[1])
+    return ppo.logprobs_from_logits(logits, responses, temperature), values
 
 
 def reference_logprobs(
@@ -390,23 +404,41 @@ def collect_experience(
     """Steps 2–4: generate, truncate after EOS, then old logprobs, reference logprobs, values and RM scores.
 
     ``trainable``: the unwrapped :func:`trainable_module`; ``uniforms`` (b, t): per-episode sampling (see
-    :func:`inverse_cdf_sample`), None to sample with generate()'s own RNG.
+    :func:`inverse_cdf_sample`), None to sample from the global RNG. On the lean GPT-2 path the sampler's own
+    log-probs are the old log-probs (``rollout_logprobs: sampler``) and a value head reads the sampler's hidden
+    states, so the policy is not run again; the batch is cut to its longest response.
     """
     tokenizer = models.tokenizer
     query_ids, query_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts))
-    # 2. generate with the KV cache
     special = (tokenizer.eos_token_id, tokenizer.pad_token_id)
-    if uniforms is None:
+    value_head = getattr(trainable, "value_head", None)
+    sampled_logprobs = sampled_values = None
+    # 2. generate with the KV cache
+    if getattr(trainable, "lean", False):
+        sample = lean_gpt2.sample(trainable.policy, query_ids, query_mask, config.response_length, config.temperature, *special,
+                                  uniforms=None if uniforms is None else uniforms.to(device), keep_hidden=value_head is not None)
+        raw_responses = sample.responses
+        if config.rollout_logprobs == "sampler":
+            sampled_logprobs = sample.logprobs
+            if value_head is not None:
+                sampled_values = value_head(sample.hidden.to(value_head.weight.dtype)).squeeze(-1)
+    elif uniforms is None:
         raw_responses = generate_responses(trainable.policy, query_ids, query_mask, config.response_length, config.temperature, *special)
     else:
         raw_responses = generate_with_uniforms(trainable.policy, query_ids, query_mask, uniforms.to(device), config.temperature, *special)
-    # 3. EOS trick: everything after the first EOS is padding and masked
+    # 3. EOS trick: everything after the first EOS is padding and masked; columns past the longest response dropped
     responses, response_mask, contains_eos = ppo.truncate_after_stop_token(raw_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    columns = max(1, int(response_mask.sum(1).max()))
+    responses, response_mask = responses[:, :columns], response_mask[:, :columns]
     # 4. forwards in chunks (memory stays bounded for real models)
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for rows in _chunks(len(prompts), forward_batch_size):
         args = (query_ids[rows], query_mask[rows], responses[rows], response_mask[rows])
-        logprobs, values = policy_logprobs_and_values(trainable, *args, config.temperature)
+        if sampled_logprobs is None:
+            logprobs, values = policy_logprobs_and_values(trainable, *args, config.temperature)
+        else:
+            logprobs = sampled_logprobs[rows, :columns]
+            values = sampled_values[rows, :columns] if sampled_values is not None else response_values(trainable.critic, *args)
         parts["logprobs"].append(logprobs)
         parts["values"].append(values)
         parts["ref_logprobs"].append(reference_logprobs(models, trainable.policy, *args, config.temperature))
@@ -449,12 +481,10 @@ def ppo_minibatch_loss(
     """Step 7 for one micro-batch: clipped surrogate + c1 · clipped value loss − c2 · entropy."""
     input_ids = torch.cat([batch.query_ids, batch.responses], dim=1)
     attention_mask = torch.cat([batch.query_mask, batch.response_mask.long()], dim=1)
-    logits, values = trainable(input_ids, attention_mask)
-    query_length = batch.query_ids.shape[1]
-    response_logits = logits[:, query_length - 1 : -1]
-    new_values = values[:, query_length - 1 : -1]
+    response_logits, new_values = trainable(input_ids, attention_mask, response_start=batch.query_ids.shape[1])
     logprobs = ppo.logprobs_from_logits(response_logits, batch.responses, config.temperature)
-    entropy = ppo.entropy_from_logits(response_logits, config.temperature)
+    # without an entropy bonus the entropy is only reported: keep it out of the graph (no backward through it)
+    entropy = ppo.entropy_from_logits(response_logits if config.ent_coef else response_logits.detach(), config.temperature)
     mask = batch.response_mask
     pg_loss, pg_stats = ppo.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.clip_range)
     vf_loss, vf_stats = ppo.value_loss(new_values, batch.values, batch.returns, mask, config.clip_range_value)
@@ -482,8 +512,12 @@ class PreparedTraining:
 def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelerator) -> PreparedTraining:
     """Wrap the trainable module and its optimiser for the launch profile; place (and under bf16, cast) frozen models."""
     trainable = trainable_module(models)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        trainable.lean = False  # FSDP gathers weights in per-block hooks that the lean forward would bypass
     parameters = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5)
+    # One fused kernel for the whole AdamW update instead of ~10 small ops per tensor (torch ≥ 2.4 on CPU and CUDA)
+    fused = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5, fused=fused or None)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # No dataloader to infer the micro-batch from (TRL's PPO sets it the same way); DeepSpeed clips gradients itself.
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -525,7 +559,7 @@ def optimise(
             minibatch_tokens = int(valid_tokens[minibatch].sum())
             for micro in shard_for_rank(minibatch, rank, world_size).split(micro_size):
                 with accelerator.accumulate(trainable):
-                    loss, stats = ppo_minibatch_loss(trainable, batch.select(micro.to(device)), config)
+                    loss, stats = ppo_minibatch_loss(trainable, batch.select(micro.to(device)).trimmed(), config)
                     weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
                     accelerator.backward(loss * weight)
                     if accelerator.sync_gradients:
@@ -617,6 +651,9 @@ def train_ppo(
         # 8. adaptive KL controller on the global batch's mean sequence KL
         record = {"step": iteration + 1, "total": config.iterations, "episodes": (iteration + 1) * config.rollout_batch_size}
         record.update(rollout_metrics(batch, kl_coef))
+        record["rollout/query_length"] = batch.query_ids.shape[1]  # padded columns: what the forwards process
+        record["rollout/response_columns"] = batch.responses.shape[1]
+        record["rollout/generated_tokens"] = batch.responses.numel()  # sampled tokens, EOS-ended rows included
         kl_controller.update(record["objective/kl"], config.rollout_batch_size)
         # 9. metrics: optimisation statistics averaged over processes (one collective)
         record["lr"] = optimizer.param_groups[0]["lr"]

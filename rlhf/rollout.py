@@ -127,6 +127,24 @@ class Experience:
     returns: torch.Tensor | None = None  # (b, t) advantages + values (unwhitened)
     kl: torch.Tensor | None = None  # (b, t) per-token KL estimate
 
+    QUERY_FIELDS = ("query_ids", "query_mask")  # (b, q)
+    RESPONSE_FIELDS = ("responses", "response_mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns", "kl")  # (b, t)
+
+    def trimmed(self) -> "Experience":
+        """The same episodes without the columns no row uses: leading query padding, trailing response padding.
+
+        Every forward over the batch then costs what its longest real sequence costs (padding waste removed).
+        """
+        first_query_column = int(self.query_mask.any(0).long().argmax())
+        response_columns = max(1, int(self.response_mask.sum(1).max()))
+        fields = dict(vars(self))
+        for name in self.QUERY_FIELDS:
+            fields[name] = fields[name][:, first_query_column:]
+        for name in self.RESPONSE_FIELDS:
+            if fields[name] is not None:
+                fields[name] = fields[name][:, :response_columns]
+        return Experience(**fields)
+
     def select(self, index: torch.Tensor) -> "Experience":
         """Rows ``index`` of every tensor (a minibatch)."""
         fields = {name: (value[index] if isinstance(value, torch.Tensor) else value) for name, value in vars(self).items()}
