@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import ppo
+from rlhf import lean_gpt2, ppo
 from rlhf.modeling import (
     RewardNormalization,
     causal_lm_logits,
@@ -36,6 +36,9 @@ def generate_responses(
     """
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    if lean_gpt2.supports(policy):  # the same distribution without generate()'s per-token machinery
+        sample = lean_gpt2.sample(policy, query_ids, query_mask, max_new_tokens, temperature, eos_token_id, pad_token_id)
+        return pad_responses(sample.responses, max_new_tokens, pad_token_id)
     output = policy.generate(
         input_ids=query_ids,
         attention_mask=query_mask,
