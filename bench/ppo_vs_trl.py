@@ -2,16 +2,20 @@
 
     pip install -c constraints.txt -e ".[bench]"        # trl==1.12.0, the last TRL with a PPO trainer
     python bench/ppo_vs_trl.py                          # both sizes on the CPU, ≈ 10 minutes on 2 cores
-    python bench/ppo_vs_trl.py --sizes 125m --device cuda --dtype bf16 --rounds 2   # a GPU
+    python bench/ppo_vs_trl.py --sizes 125m --device cuda --rounds 2   # a GPU
 
 What is compared: the same randomly initialised GPT-2-style policy, reference, reward model and value model (a
 separate critic: TRL's architecture), the same prompts, batch, response length (responses run to the length cap
 unless a row samples EOS, as in TRL with ``stop_token="eos"``), PPO epochs, minibatches, learning rate, clip ranges,
-fixed KL coefficient and k1 estimator, one process, torch's default threads. Three implementations:
+fixed KL coefficient and k1 estimator, one process, torch's default threads. Four implementations:
 
-- ``ours``: :func:`rlhf.ppo_trainer.train_ppo`, the loop of the ``ppo`` stage;
-- ``trl``: TRL 1.12's ``PPOTrainer.train()`` as shipped;
+- ``ours``: :func:`rlhf.ppo_trainer.train_ppo`, the loop of the ``ppo`` stage, fp32;
+- ``ours_bf16``: the same with ``ppo.mixed_precision: bf16`` (autocast, fp32 master weights; frozen models in bf16);
+- ``trl``: TRL 1.12's ``PPOTrainer.train()`` with its shipped defaults (``bf16=True`` mixed precision, which
+  accelerate applies on GPUs; on this CPU it runs fp32);
 - ``trl_nogc``: the same with the ``gc.collect()`` calls of its loop patched out (its strongest form here).
+
+The headline ratios use the faster of ``ours``/``ours_bf16`` at each size (both are reported).
 
 Every trial runs in a fresh process (peak RSS only grows; nothing leaks between trials), trials alternate
 ours/trl/trl_nogc for ``--rounds`` rounds so slow drift of the machine hits all three alike, and the medians are
@@ -46,7 +50,7 @@ SIZES = {  # GPT-2 shapes over the embedded 512-token vocabulary
     "20m": {"n_layer": 6, "n_head": 8, "n_embd": 512},  # 19.2 M
     "125m": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # GPT-2 small's trunk (85 M + embeddings); GPUs
 }
-IMPLEMENTATIONS = ("ours", "trl", "trl_nogc")
+IMPLEMENTATIONS = ("ours", "ours_bf16", "trl", "trl_nogc")
 
 
 def peak_rss_mib() -> float:
@@ -90,7 +94,7 @@ def matmul_peak(device: str, dtype: str, seconds: float = 3.0) -> float:
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     best = 0.0
-    for n in (1024, 2048, 3072):
+    for n in ((4096, 8192) if device == "cuda" else (1024, 2048, 3072)):
         a = torch.randn(n, n, device=device, dtype=torch_dtype)
         b = torch.randn(n, n, device=device, dtype=torch_dtype)
         for _ in range(2):
@@ -136,7 +140,7 @@ def build(folder: Path, size: str) -> dict:
 # Trials (each in its own process)
 
 
-def run_ours(folder: Path, args: argparse.Namespace) -> dict:
+def run_ours(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
     from accelerate import Accelerator
 
     from rlhf.config import PPOConfig
@@ -145,7 +149,7 @@ def run_ours(folder: Path, args: argparse.Namespace) -> dict:
     config = PPOConfig(
         iterations=args.warmup + args.iterations, rollout_batch_size=args.batch, num_minibatches=args.minibatches,
         ppo_epochs=args.ppo_epochs, learning_rate=args.learning_rate, anneal_lr=False, response_length=args.response_length,
-        kl_coef=args.kl_coef, adaptive_kl=False, kl_estimator="k1", mixed_precision="bf16" if args.dtype == "bf16" else "no",
+        kl_coef=args.kl_coef, adaptive_kl=False, kl_estimator="k1", mixed_precision="bf16" if dtype == "bf16" else "no",
         value_model="critic", value_init="reward",
     )
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=config.mixed_precision)
@@ -193,7 +197,6 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
     tokenizer.padding_side = "left"
     prompts = json.loads((folder / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     load_lm = lambda: AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32)  # noqa: E731
     load_scalar = lambda: AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32)  # noqa: E731
     iterations = args.warmup + args.iterations
@@ -204,8 +207,8 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
         learning_rate=args.learning_rate, lr_scheduler_type="constant", kl_coef=args.kl_coef, kl_estimator="k1",
         cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, stop_token="eos", missing_eos_penalty=None,
         num_sample_generations=0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu",
-        bf16=args.dtype == "bf16", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-    )  # everything else as TRL ships it (gradient_checkpointing=True included)
+        seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )  # everything else as TRL ships it (bf16=True and gradient_checkpointing=True included)
     ends: list[float] = []
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -217,14 +220,10 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
     ref = load_lm()
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=load_lm(), ref_model=ref, reward_model=load_scalar(),
                          value_model=load_scalar(), train_dataset=dataset, callbacks=[Mark()])
-    if dtype == torch.bfloat16:  # frozen models in bf16 as ours holds them
-        for frozen in (trainer.ref_model, trainer.reward_model):
-            frozen.to(dtype)
     trainer.train()
-    print("TRL gradient checkpointing:", trainer.model.policy.is_gradient_checkpointing, "accelerate precision:", trainer.accelerator.mixed_precision, file=sys.stderr)
     timed = ends[args.warmup - 1 :]
-    return {"seconds": timed[-1] - timed[0], "episodes": args.batch * (len(timed) - 1),
-            "generated_tokens": sum(generated[args.warmup :])}
+    return {"seconds": timed[-1] - timed[0], "episodes": args.batch * (len(timed) - 1), "generated_tokens": sum(generated[args.warmup :]),
+            "mixed_precision": trainer.accelerator.mixed_precision, "gradient_checkpointing": bool(trainer.model.policy.is_gradient_checkpointing)}
 
 
 def trial(args: argparse.Namespace) -> None:
@@ -233,7 +232,10 @@ def trial(args: argparse.Namespace) -> None:
 
     folder = Path(args.folder)
     started = time.perf_counter()
-    result = run_ours(folder, args) if args.implementation == "ours" else run_trl(folder, args, args.implementation == "trl_nogc")
+    if args.implementation.startswith("ours"):
+        result = run_ours(folder, args, "bf16" if args.implementation == "ours_bf16" else "fp32")
+    else:
+        result = run_trl(folder, args, args.implementation == "trl_nogc")
     result.update(implementation=args.implementation, peak_rss_mib=peak_rss_mib(), wall_seconds=time.perf_counter() - started,
                   threads=torch.get_num_threads())
     if args.device == "cuda":
@@ -243,7 +245,7 @@ def trial(args: argparse.Namespace) -> None:
 
 def spawn(implementation: str, folder: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--trial", implementation, "--folder", str(folder)]
-    for name in ("device", "dtype", "batch", "minibatches", "ppo_epochs", "response_length", "warmup", "iterations", "learning_rate", "kl_coef"):
+    for name in ("device", "batch", "minibatches", "ppo_epochs", "response_length", "warmup", "iterations", "learning_rate", "kl_coef"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("TRIAL ")]
@@ -252,13 +254,16 @@ def spawn(implementation: str, folder: Path, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1][len("TRIAL ") :])
 
 
-def summarise(size: str, info: dict, trials: dict[str, list[dict]], peak: float, args: argparse.Namespace) -> dict:
+def summarise(size: str, info: dict, trials: dict[str, list[dict]], peaks: dict[str, float], args: argparse.Namespace) -> dict:
     def median(name: str, key: str) -> float:
         return statistics.median(t[key] for t in trials[name])
 
     eps = {name: statistics.median(t["episodes"] / t["seconds"] for t in trials[name]) for name in trials}
     tokens = {name: statistics.median(t["generated_tokens"] / t["seconds"] for t in trials[name]) for name in trials}
-    ours = trials["ours"]
+    best = max((name for name in trials if name.startswith("ours")), key=eps.get)
+    ours = trials[best]
+    peak = peaks["bf16" if best == "ours_bf16" else "fp32"]
+    trl_rss = min(median(name, "peak_rss_mib") for name in trials if name.startswith("trl"))
     flops = statistics.median(
         iteration_flops(info, info["vocab"], args.batch, round(t["query_length"]), round(t["response_columns"]), args.ppo_epochs)
         * (t["episodes"] / args.batch) / t["seconds"]
@@ -268,8 +273,9 @@ def summarise(size: str, info: dict, trials: dict[str, list[dict]], peak: float,
         "size": size, "parameters": info["parameters"],
         "episodes_per_second": eps, "generated_tokens_per_second": tokens,
         "peak_rss_mib": {name: median(name, "peak_rss_mib") for name in trials},
-        "speedup_vs_trl": eps["ours"] / eps["trl"], "speedup_vs_trl_nogc": eps["ours"] / eps["trl_nogc"],
-        "rss_ratio": median("ours", "peak_rss_mib") / median("trl_nogc", "peak_rss_mib"),
+        "ours": best, "trl_precision": trials["trl"][0].get("mixed_precision"),
+        "speedup_vs_trl": eps[best] / eps["trl"], "speedup_vs_trl_nogc": eps[best] / eps["trl_nogc"],
+        "rss_ratio": median(best, "peak_rss_mib") / trl_rss,  # against the leaner of the two TRL runs
         "model_flops_per_second": flops, "matmul_peak_flops_per_second": peak, "peak_fraction": flops / peak,
         "trials": {name: [round(t["episodes"] / t["seconds"], 2) for t in trials[name]] for name in trials},
     }
@@ -284,10 +290,10 @@ def markdown(results: list[dict]) -> str:
         for name in r["episodes_per_second"]:
             rows.append(f"| {r['size']} ({r['parameters'] / 1e6:.2f} M) | {name} | {r['episodes_per_second'][name]:.1f} | "
                         f"{r['generated_tokens_per_second'][name]:.0f} | {r['peak_rss_mib'][name]:.0f} |")
-    rows += ["", "| size | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s | peak fraction |",
-             "|---|---|---|---|---|---|---|"]
+    rows += ["", "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s | peak fraction |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['size']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | {r['rss_ratio']:.2f} | "
+        rows.append(f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | {r['rss_ratio']:.2f} | "
                     f"{r['model_flops_per_second'] / 1e12:.3f} | {r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} |")
     return "\n".join(rows)
 
@@ -296,7 +302,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1m,20m")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument("--ppo-epochs", type=int, default=4)
@@ -317,8 +322,8 @@ def main() -> None:
         return
     import torch
 
-    peak = matmul_peak(args.device, args.dtype)
-    print(f"matmul peak ({args.device}, {args.dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peaks = {dtype: matmul_peak(args.device, dtype) for dtype in ("fp32", "bf16")}
+    print(f"matmul peak ({args.device}, {torch.get_num_threads()} threads): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
         for size in args.sizes.split(","):
@@ -333,7 +338,7 @@ def main() -> None:
                     trials[name].append(result)
                     print(f"{size} round {round_index + 1} {name}: {result['episodes'] / result['seconds']:.2f} episodes/s, "
                           f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
-            results.append(summarise(size, info, trials, peak, size_args))
+            results.append(summarise(size, info, trials, peaks, size_args))
     print(markdown(results), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
@@ -343,8 +348,8 @@ def main() -> None:
         "speedup_vs_trl_nogc": round(min(r["speedup_vs_trl_nogc"] for r in results), 3),
         "rss_ratio": round(max(r["rss_ratio"] for r in results), 3),
         "peak_fraction": round(headline["peak_fraction"], 3),
-        "device": args.device, "dtype": args.dtype,
-        "sizes": {r["size"]: {k: r[k] for k in ("parameters", "speedup_vs_trl", "speedup_vs_trl_nogc", "rss_ratio", "peak_fraction")} for r in results},
+        "device": args.device,
+        "sizes": {r["size"]: {k: r[k] for k in ("parameters", "ours", "speedup_vs_trl", "speedup_vs_trl_nogc", "rss_ratio", "peak_fraction")} for r in results},
     }))
 
 

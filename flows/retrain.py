@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.lifecycle import lifecycle
 from flows.publish import publish_task
 from flows.stages import stage_environment
+from rlhf.lock import workspace_lock
 
 PROMOTED_DIR = Path(".rlhf/promoted")  # the promoted release and its record (outside DVC: a decision, not an output)
 DECISION_ARTIFACT_KEY = "retrain-decision"
@@ -70,14 +71,23 @@ def promote(repo_dir: str, metrics: dict) -> dict:
 
 @flow(name="rlhf-retrain", log_prints=True)
 def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, force: bool = False,
-            publish_repo_id: str = "", publish_private: bool = True, publish_min_value: float = 0.5) -> dict:
+            publish_repo_id: str = "", publish_private: bool = True, publish_min_value: float = 0.5,
+            wait_for_lock_s: float = 0.0) -> dict:
     """Retrain if inputs changed; promote the result only if it beats the promoted model; publish what is promoted.
 
     ``publish_repo_id`` empty means don't publish; otherwise a promoted release is uploaded to that Hub repo if its
     ``metric`` is at least ``publish_min_value`` (token: HF_TOKEN or the Prefect Secret block `hf-token`).
+    The whole run (status check, lifecycle, promotion, publishing) holds the workspace lock (rlhf/lock.py): it fails
+    at once if another run holds it, or after waiting ``wait_for_lock_s`` seconds.
     """
-    logger = get_run_logger()
     repo = str(Path(repo_dir).resolve())
+    with workspace_lock(repo, wait_for_lock_s, "rlhf-retrain flow"):
+        return _retrain(repo, metric, margin, force, publish_repo_id, publish_private, publish_min_value)
+
+
+def _retrain(repo: str, metric: str, margin: float, force: bool, publish_repo_id: str, publish_private: bool,
+             publish_min_value: float) -> dict:
+    logger = get_run_logger()
     # 1. did anything change?
     changed = changed_stages(repo)
     if not changed and not force:
@@ -104,13 +114,16 @@ def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 
     return decision
 
 
-def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, publish_repo_id: str = "") -> None:
-    """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time."""
+def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, publish_repo_id: str = "",
+          wait_for_lock_s: float = 0.0) -> None:
+    """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time (and the workspace lock one
+    run of any kind: a scheduled run that finds a manual one in progress waits ``wait_for_lock_s``, then fails)."""
     deployment = retrain.to_deployment(
         name="rlhf-retrain",
         cron=cron,
         concurrency_limit=1,
-        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin, "publish_repo_id": publish_repo_id},
+        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin, "publish_repo_id": publish_repo_id,
+                    "wait_for_lock_s": wait_for_lock_s},
         description="Retrain when inputs change; promote only if the evaluation beats the promoted model.",
     )
     from prefect import serve as prefect_serve

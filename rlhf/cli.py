@@ -10,6 +10,9 @@
                                upload models/release to the Hub (HF_TOKEN, HF_ENDPOINT) if metrics/evaluate.json
                                passes the gate; tagged run-<release md5 in dvc.lock>; a second publish is a no-op
 
+One run per workspace: `run`, `repro`, `stage` and `publish` hold the lock .rlhf/lifecycle.lock (rlhf/lock.py); while
+another run holds it they refuse at once, naming its pid, or wait with --wait-for-lock SECONDS.
+
 Prefect: with PREFECT_API_URL set the runs go to that server (start one with `prefect server start`, UI at
 http://127.0.0.1:4200); otherwise a temporary local server is started for the run.
 """
@@ -20,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 STAGES = ("prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release")
@@ -68,20 +72,48 @@ def publish_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_lock_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
+                        help="if another run holds this workspace (.rlhf/lifecycle.lock), wait up to SECONDS for it "
+                             "instead of refusing at once")
+
+
+def locked(command: Callable[[], int], wait_s: float, what: str) -> int:
+    """Run ``command`` holding the workspace lock; exit 2 with one ``error:`` line if another run holds it."""
+    from rlhf.lock import WorkspaceBusy, workspace_lock
+
+    try:
+        with workspace_lock(".", wait_s, what):
+            return command()
+    except WorkspaceBusy as busy:
+        print(f"error: {busy}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_lifecycle(stage_timeout_s: float | None) -> int:
+    from flows.lifecycle import lifecycle
+
+    state = lifecycle(repo_dir=".", stage_timeout_s=stage_timeout_s, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline as a Prefect flow")
     run.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's task times out")
-    commands.add_parser("repro", help="run the pipeline with plain dvc repro")
+    add_lock_option(run)
+    add_lock_option(commands.add_parser("repro", help="run the pipeline with plain dvc repro"))
     stage = commands.add_parser("stage", help="reproduce one stage (and its out-of-date upstream stages)")
     stage.add_argument("name", choices=STAGES)
+    add_lock_option(stage)
     commands.add_parser("status", help="show out-of-date stages")
     serve = commands.add_parser("serve", help="serve the scheduled retraining deployment")
     serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     serve.add_argument("--metric", default="gold_win_rate", help="evaluation metric the gate compares")
     serve.add_argument("--margin", type=float, default=0.0, help="how much better a new model must be to be promoted")
     serve.add_argument("--publish-repo-id", default="", help="publish each promoted release to this Hub repo (HF_TOKEN)")
+    add_lock_option(serve)  # each scheduled run waits this long for a run already in progress
     label = commands.add_parser("label", help="collect human preference labels through the Prefect UI")
     label.add_argument("--batch-size", type=int, default=8)
     label.add_argument("--batches", type=int, default=1)
@@ -92,25 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--metric", default="gold_win_rate", help="metrics/evaluate.json key the gate checks")
     publish.add_argument("--min-value", type=float, default=0.5, help="the gate: metric must be at least this")
     publish.add_argument("--release-dir", default="models/release")
+    add_lock_option(publish)  # a run in progress may be rewriting models/release
     args = parser.parse_args(argv)
     if args.command == "publish":
-        return publish_command(args)
+        return locked(lambda: publish_command(args), args.wait_for_lock, "rlhf publish")
     if args.command == "repro":
-        return dvc("repro")
+        return locked(lambda: dvc("repro"), args.wait_for_lock, "rlhf repro")
     if args.command == "stage":
-        return dvc("repro", args.name)
+        return locked(lambda: dvc("repro", args.name), args.wait_for_lock, f"rlhf stage {args.name}")
     if args.command == "status":
         return dvc("status")
     prefect_defaults()
     if args.command == "run":
-        from flows.lifecycle import lifecycle
-
-        state = lifecycle(repo_dir=".", stage_timeout_s=args.stage_timeout, return_state=True)
-        return 0 if state.is_completed() else 1
+        # the lock is taken here, before a temporary Prefect server starts; the flow takes it again (re-entrant)
+        return locked(lambda: run_lifecycle(args.stage_timeout), args.wait_for_lock, "rlhf run (rlhf-lifecycle flow)")
     if args.command == "serve":
         from flows.retrain import serve as serve_retrain
 
-        serve_retrain(args.cron, ".", args.metric, args.margin, args.publish_repo_id)
+        serve_retrain(args.cron, ".", args.metric, args.margin, args.publish_repo_id, args.wait_for_lock)
         return 0
     from flows.labeling import collect_human_labels
 

@@ -8,6 +8,8 @@ key, before any stage does work. Derived sizes are computed (and checked for exa
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping
     eval_every: int = 500  # steps between held-out loss evaluations
+    checkpoint_every: int = 200  # steps between resume checkpoints in .rlhf/checkpoints/sft (0 = none); not a DVC output
 
 
 @dataclass
@@ -98,6 +101,7 @@ class RewardConfig:
     warmup_steps: int = 50  # linear warm-up
     max_grad_norm: float = 1.0  # gradient-norm clipping
     max_length: int = 64  # prompt + response + EOS tokens; longer pairs are an error
+    checkpoint_every: int = 100  # steps between resume checkpoints in .rlhf/checkpoints/reward (0 = none); not a DVC output
 
 
 @dataclass
@@ -137,10 +141,13 @@ class PPOConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+    rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
     checkpoint_every: int = 0  # save the policy every N iterations to models/policy_checkpoints/step-N (0 = only the final one)
+    resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output
 
     def __post_init__(self) -> None:
-        choices = {"value_model": {"critic", "head"}, "sampling_seeds": {"per_rank", "per_episode"}, "mixed_precision": {"no", "bf16"}}
+        choices = {"value_model": {"critic", "head"}, "sampling_seeds": {"per_rank", "per_episode"}, "mixed_precision": {"no", "bf16"},
+                   "rollout_logprobs": {"sampler", "recompute"}}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
@@ -152,9 +159,10 @@ class PPOConfig:
 
         e.g. 128 episodes / 1 process = 128 local; / 4 minibatches = 32 per minibatch; / 1 accumulation = 32 micro.
         """
-        local_batch = _exact_div(self.rollout_batch_size, world_size, "ppo.rollout_batch_size", "processes")
-        minibatch = _exact_div(local_batch, self.num_minibatches, "local rollout batch", "ppo.num_minibatches")
-        micro_batch = _exact_div(minibatch, self.gradient_accumulation_steps, "minibatch", "ppo.gradient_accumulation_steps")
+        local_batch = _exact_div(self.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the number of processes")
+        per_process = "ppo.rollout_batch_size" if world_size == 1 else f"ppo.rollout_batch_size / {world_size} processes"
+        minibatch = _exact_div(local_batch, self.num_minibatches, per_process, "ppo.num_minibatches")
+        micro_batch = _exact_div(minibatch, self.gradient_accumulation_steps, f"the minibatch ({per_process} / ppo.num_minibatches)", "ppo.gradient_accumulation_steps")
         return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
 
 
@@ -200,16 +208,21 @@ class Params:
 
 def _exact_div(numerator: int, denominator: int, what: str, by: str) -> int:
     if denominator <= 0 or numerator % denominator:
-        raise ConfigError(f"params.yaml: {what} ({numerator}) must be divisible by {by} ({denominator})")
+        hint = ""
+        if denominator > 0 and numerator >= denominator and " " not in what:  # a plain key: name the nearest valid values
+            lower = numerator - numerator % denominator
+            hint = f" (e.g. {what} = {lower} or {lower + denominator})"
+        raise ConfigError(f"params.yaml: {what} ({numerator}) must be divisible by {by} ({denominator}): "
+                          f"change one of them so it divides exactly{hint}")
     return numerator // denominator
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a field annotation (ints are accepted for floats)."""
+def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
+    """Check ``value`` of ``key`` (a dotted path) against a field annotation (ints are accepted for floats)."""
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(annotation, value, where)
+            raise ConfigError(f"{file}: {key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, file, key)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool:
@@ -219,17 +232,23 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     else:
         ok = isinstance(value, annotation)
     if not ok:
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+        raise ConfigError(f"{file}: {key}: expected {annotation.__name__}, got {value!r}")
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], file: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in raw.items()}
+        guesses = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
+        if all(guesses.values()):  # typos: name the intended keys rather than list every known one
+            known = "did you mean " + ", ".join(f"{match[0]!r} (for {key!r})" if len(unknown) > 1 else f"{match[0]!r}"
+                                                for key, match in guesses.items()) + "?"
+        else:
+            known = f"known: {sorted(names)}"
+        raise ConfigError(f"{file}: {prefix or 'top level'}: unknown key(s) {unknown}; {known}")
+    kwargs = {key: _coerce(value, hints[key], file, f"{prefix}.{key}" if prefix else key) for key, value in raw.items()}
     return cls(**kwargs)
 
 
@@ -264,19 +283,77 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+# Range rules checked by load_params, so a bad value stops `dvc repro` at the first stage, before any training.
+POSITIVE = (  # must be > 0
+    "prepare.vocab_size", "prepare.max_prompt_tokens", "prepare.n_demonstrations", "prepare.n_train_prompts",
+    "prepare.n_eval_prompts", "prepare.model.n_layer", "prepare.model.n_head", "prepare.model.n_embd", "prepare.model.n_positions",
+    "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.max_grad_norm", "sft.eval_every",
+    "sample_pairs.temperature", "sample_pairs.max_new_tokens", "sample_pairs.batch_size",
+    "reward.epochs", "reward.batch_size", "reward.learning_rate", "reward.max_grad_norm", "reward.max_length",
+    "ppo.iterations", "ppo.rollout_batch_size", "ppo.num_minibatches", "ppo.gradient_accumulation_steps", "ppo.ppo_epochs",
+    "ppo.learning_rate", "ppo.max_grad_norm", "ppo.response_length", "ppo.temperature", "ppo.clip_range",
+    "ppo.clip_range_value", "ppo.gamma", "ppo.kl_target", "ppo.kl_horizon", "ppo.lora_alpha",
+    "evaluate.samples_per_prompt", "evaluate.temperature", "evaluate.max_new_tokens", "evaluate.batch_size",
+)
+NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
+    "prepare.max_rows", "sft.warmup_steps", "sft.weight_decay", "sample_pairs.n_prompts", "label.temperature",
+    "label.max_rows", "reward.warmup_steps", "ppo.vf_coef", "ppo.kl_coef", "evaluate.n_prompts", "evaluate.n_samples_table",
+    "evaluate.checkpoint_prompts", "evaluate.bootstrap_resamples", "sft.checkpoint_every", "reward.checkpoint_every", "ppo.resume_every",
+)
+OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
+CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # in [0, 1]
+AT_MOST_ONE = ("ppo.gamma",)  # a discount
+
+
+def _value(params: Params, key: str) -> Any:
+    value: Any = params
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _float_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every float field (nested configs included)."""
+    keys = []
+    for item in dataclasses.fields(obj):
+        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            keys += _float_keys(value, key + ".")
+        elif isinstance(value, float):
+            keys.append(key)
+    return keys
+
+
+def range_problems(params: Params) -> list[str]:
+    """Every out-of-range value, as "key must be …, got value" (empty when all are valid)."""
+    problems = [f"{key} must be a finite number, got {_value(params, key)}" for key in _float_keys(params)
+                if not math.isfinite(_value(params, key))]
+    problems += [f"{key} must be > 0, got {_value(params, key)}" for key in POSITIVE if not _value(params, key) > 0]
+    problems += [f"{key} must be ≥ 0, got {_value(params, key)}" for key in NON_NEGATIVE if not _value(params, key) >= 0]
+    problems += [f"{key} must be between 0 and 1 (exclusive), got {_value(params, key)}" for key in OPEN_FRACTIONS if not 0 < _value(params, key) < 1]
+    problems += [f"{key} must be between 0 and 1, got {_value(params, key)}" for key in CLOSED_FRACTIONS if not 0 <= _value(params, key) <= 1]
+    problems += [f"{key} must be ≤ 1, got {_value(params, key)}" for key in AT_MOST_ONE if not _value(params, key) <= 1]
+    return problems
+
+
 def _validate(params: Params, where: str) -> None:
+    """Choices, ranges and sizes that must divide; the first problem is raised, naming the file and the key."""
+    model = params.prepare.model
     checks = [
-        (params.label.annotator in {"simulated", "dataset", "human"}, "label.annotator must be simulated, dataset or human"),
-        (params.ppo.kl_estimator in {"k1", "k3"}, "ppo.kl_estimator must be k1 or k3"),
-        (params.ppo.value_init in {"reward", "zero"}, "ppo.value_init must be reward or zero"),
-        (params.sample_pairs.samples_per_prompt >= 2, "sample_pairs.samples_per_prompt must be at least 2"),
-        (params.ppo.temperature > 0 and params.sample_pairs.temperature > 0, "temperatures must be positive"),
-        (0 < params.label.eval_fraction < 1, "label.eval_fraction must be in (0, 1)"),
+        (params.label.annotator in {"simulated", "dataset", "human"}, f"label.annotator must be simulated, dataset or human, got {params.label.annotator!r}"),
+        (params.ppo.kl_estimator in {"k1", "k3"}, f"ppo.kl_estimator must be k1 or k3, got {params.ppo.kl_estimator!r}"),
+        (params.ppo.value_init in {"reward", "zero"}, f"ppo.value_init must be reward or zero, got {params.ppo.value_init!r}"),
+        (params.sample_pairs.samples_per_prompt >= 2, f"sample_pairs.samples_per_prompt must be at least 2, got {params.sample_pairs.samples_per_prompt}"),
         (params.label.annotator != "dataset" or bool(params.label.dataset), "label.dataset is required when label.annotator is dataset"),
+        (model.n_head <= 0 or model.n_embd % model.n_head == 0, f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})"),
     ]
-    for ok, problem in checks:
-        if not ok:
-            raise ConfigError(f"{where}: {problem}")
+    problems = [problem for ok, problem in checks if not ok] + range_problems(params)
+    if problems:
+        raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    try:  # every process's share of the rollout batch must split into minibatches and micro-batches exactly
+        params.ppo.derived(params.ppo.num_processes)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {str(error).removeprefix('params.yaml: ')}") from None
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

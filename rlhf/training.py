@@ -1,7 +1,10 @@
 """Supervised fine-tuning and Bradley–Terry reward-model training (the two supervised stages).
 
 Both pre-tokenise once, draw shuffled batches from a seeded generator, use AdamW with warm-up then decay, clip
-gradient norms, and report held-out metrics.
+gradient norms, and report held-out metrics. Both stop on a non-finite loss/score/gradient norm (:mod:`rlhf.guards`)
+and, given a :class:`~rlhf.checkpoint.Checkpointer`, save resume checkpoints every N steps and resume from the latest
+matching one: the learning rate is a function of the step and every random draw comes from a generator whose state is
+checkpointed, so a resumed run ends with the same weights as an uninterrupted one (bitwise on CPU, same thread count).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.checkpoint import Checkpointer, capture_rng, restore_rng
 from rlhf.config import RewardConfig, SFTConfig
+from rlhf.guards import require_finite
 from rlhf.modeling import causal_lm_logits, encode_prompt_response, right_pad, sequence_scores
 
 Log = Callable[[dict], None]
@@ -80,23 +85,40 @@ def train_sft(
     config: SFTConfig,
     seed: int,
     log: Log = lambda record: None,
+    checkpointer: Checkpointer | None = None,
 ) -> dict[str, float]:
-    """Fine-tune ``model`` in place on demonstrations; returns final metrics."""
+    """Fine-tune ``model`` in place on demonstrations; returns final metrics.
+
+    With a ``checkpointer``: resumes from its latest matching checkpoint and saves one every ``checkpointer.every``
+    steps (model, optimiser, batch-generator and global RNG states, the initial held-out loss). Raises
+    :class:`~rlhf.guards.NonFiniteError` on a non-finite loss or gradient norm, before the optimiser step.
+    """
     train_examples = sft_examples(tokenizer, train_rows)
     eval_examples = sft_examples(tokenizer, eval_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    hint = f"lower sft.learning_rate (now {config.learning_rate}) or sft.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
     model.train()
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
-    initial_eval = sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
-    for step in range(config.steps):
+    resumed = checkpointer.resume() if checkpointer else None
+    if resumed:
+        first_step, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], {"batches": generator})
+        initial_eval = state["extras"]["eval_loss_initial"]
+    else:
+        first_step, initial_eval = 0, sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
+    for step in range(first_step, config.steps):
         # 1. sample a batch, 2. loss on response tokens, 3. clipped AdamW step with the scheduled learning rate
         index = torch.randint(len(train_examples), (config.batch_size,), generator=generator).tolist()
         ids, mask, labels = sft_batch([train_examples[i] for i in index], tokenizer.pad_token_id)
         loss = sft_loss(model, ids, mask, labels)
+        require_finite("sft", step + 1, hint, loss=loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        require_finite("sft", step + 1, hint, gradient_norm=grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * warmup_cosine(step, config.steps, config.warmup_steps)
         optimizer.step()
@@ -104,12 +126,20 @@ def train_sft(
             record = {"step": step + 1, "total": config.steps, "train/loss": loss.item()}
             record["eval/loss"] = sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
             log(record)
+        if checkpointer and checkpointer.due(step + 1, config.steps):
+            checkpointer.save(step + 1, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": capture_rng({"batches": generator}),
+                "extras": {"eval_loss_initial": initial_eval},
+            })
     model.eval()
     return {
         "train_loss": loss.item(),
         "eval_loss_initial": initial_eval,
         "eval_loss": sft_eval_loss(model, eval_examples, tokenizer.pad_token_id),
         "steps": config.steps,
+        "resumed_from_step": first_step,
         "seconds": time.perf_counter() - start,
     }
 
@@ -165,32 +195,56 @@ def train_reward_model(
     config: RewardConfig,
     seed: int,
     log: Log = lambda record: None,
+    checkpointer: Checkpointer | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place with the Bradley–Terry loss; returns held-out metrics."""
+    """Train ``model`` in place with the Bradley–Terry loss; returns held-out metrics.
+
+    One shuffled pass per epoch; the data position is (step, this epoch's order), checkpointed with the model,
+    optimiser and generator states when a ``checkpointer`` is given. Raises :class:`~rlhf.guards.NonFiniteError` on
+    non-finite scores, loss or gradient norm, before the optimiser step.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, len(train_rows) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    start, step = time.perf_counter(), 0
+    hint = f"lower reward.learning_rate (now {config.learning_rate}) or reward.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
+    start, first_step, order = time.perf_counter(), 0, []
     model.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(train_rows), generator=generator).tolist()
-        for batch_index in range(steps_per_epoch):
-            # 1. a batch of pairs, 2. BT loss on last-token scores, 3. clipped AdamW step
-            rows = [train_rows[i] for i in order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]]
-            chosen, rejected = pair_scores(model, pair_batch(tokenizer, rows))
-            loss = bradley_terry_loss(chosen, rejected)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * warmup_linear(step, total_steps, config.warmup_steps)
-            optimizer.step()
-            step += 1
-        model.eval()
-        held_out = preference_accuracy(model, tokenizer, eval_rows)
-        model.train()
-        log({"epoch": epoch + 1, "step": step, "total": total_steps, "train/loss": loss.item(), "eval/accuracy": held_out["accuracy"], "eval/loss": held_out["loss"]})
+    resumed = checkpointer.resume() if checkpointer else None
+    if resumed:
+        first_step, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], {"order": generator})
+        order = state["order"].tolist()
+    for step in range(first_step, total_steps):
+        epoch, batch_index = divmod(step, steps_per_epoch)
+        if batch_index == 0:
+            order = torch.randperm(len(train_rows), generator=generator).tolist()
+        # 1. a batch of pairs, 2. BT loss on last-token scores, 3. clipped AdamW step
+        rows = [train_rows[i] for i in order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]]
+        chosen, rejected = pair_scores(model, pair_batch(tokenizer, rows))
+        loss = bradley_terry_loss(chosen, rejected)
+        require_finite("reward", step + 1, hint, chosen_scores=chosen, rejected_scores=rejected, loss=loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        require_finite("reward", step + 1, hint, gradient_norm=grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * warmup_linear(step, total_steps, config.warmup_steps)
+        optimizer.step()
+        if batch_index + 1 == steps_per_epoch:
+            model.eval()
+            held_out = preference_accuracy(model, tokenizer, eval_rows)
+            model.train()
+            log({"epoch": epoch + 1, "step": step + 1, "total": total_steps, "train/loss": loss.item(), "eval/accuracy": held_out["accuracy"], "eval/loss": held_out["loss"]})
+        if checkpointer and checkpointer.due(step + 1, total_steps):
+            checkpointer.save(step + 1, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": capture_rng({"order": generator}),
+                "order": torch.tensor(order, dtype=torch.int64),
+            })
     model.eval()
     held_out = preference_accuracy(model, tokenizer, eval_rows)
     train_metrics = preference_accuracy(model, tokenizer, train_rows[: len(eval_rows) or 1])
@@ -199,6 +253,7 @@ def train_reward_model(
         "eval_loss": held_out["loss"],
         "train_accuracy": train_metrics["accuracy"],
         "steps": total_steps,
+        "resumed_from_step": first_step,
         "seconds": time.perf_counter() - start,
     }
 

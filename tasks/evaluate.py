@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 from rlhf import data
-from rlhf.annotators import load_callable
-from rlhf.config import ConfigError, load_params
-from rlhf.data import DataError
+from rlhf.config import load_params
 from rlhf.evaluation import checkpoint_summary, compare_policies, sample_and_score, samples_table
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
-from rlhf.stage import emit, fail
+from rlhf.stage import emit
+from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records, refuse_bad_input
 
 POLICY, SFT_MODEL, REWARD_MODEL = Path("models/policy"), Path("models/sft"), Path("models/reward")
 PROMPTS, METRICS, TABLE = Path("data/prompts/eval.jsonl"), Path("metrics/evaluate.json"), Path("metrics/samples.md")
@@ -58,17 +57,20 @@ def render_plots(curve: list[dict]) -> None:
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # cheap checks only: params, prompts, model folders, tokenizers, the judges' imports
         params = load_params()
         config = params.evaluate
-        prompts = data.read_jsonl(PROMPTS)
-        data.validate_prompts(prompts, str(PROMPTS))
+        prompts = read_records(PROMPTS, data.validate_prompts)
+        for folder in (POLICY, SFT_MODEL, REWARD_MODEL, *(path for _, path in checkpoint_folders())):
+            check_model_dir(folder)
         tokenizer = load_tokenizer(POLICY)
+        for folder in (SFT_MODEL, REWARD_MODEL):  # one tokenizer for all: the RM and the reference score the policy's ids
+            check_same_tokenizer(tokenizer, POLICY, load_tokenizer(folder), folder)
+        for folder in (POLICY, SFT_MODEL, REWARD_MODEL):
+            check_tokenizer_fits_model(tokenizer, folder)
         check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], POLICY, config.max_new_tokens, str(PROMPTS))
-        gold = load_callable(config.gold) if config.gold else None
-        is_valid = load_callable(config.validity) if config.validity else None
-    except (ConfigError, DataError, ValueError) as error:
-        fail(str(error))
+        gold = load_judge(config.gold, "evaluate.gold") if config.gold else None
+        is_valid = load_judge(config.validity, "evaluate.validity") if config.validity else None
     prompts = [r["prompt"] for r in (prompts[: config.n_prompts] if config.n_prompts else prompts)]
     sft = load_policy(SFT_MODEL).eval()
     policy = load_policy(POLICY).eval()

@@ -17,9 +17,10 @@ import random
 from pathlib import Path
 
 from rlhf import annotators, data
-from rlhf.config import ConfigError, LabelConfig, load_params
+from rlhf.config import LabelConfig, load_params
 from rlhf.data import DataError
-from rlhf.stage import emit, fail
+from rlhf.stage import emit
+from rlhf.validation import finite_scores, load_judge, read_records, refuse_bad_input
 
 SAMPLES, OUT_DIR = Path("data/pairs/samples.jsonl"), Path("data/preferences")
 METRICS = Path("metrics/label.json")
@@ -37,9 +38,11 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[
 
 
 def label_simulated(config: LabelConfig, seed: int) -> tuple[list[dict], dict]:
-    samples = data.read_jsonl(SAMPLES)
-    data.validate_samples(samples, str(SAMPLES))
+    samples = read_records(SAMPLES, data.validate_samples)
+    load_judge(config.gold, "label.gold")  # a bad spec is named as a params key
     annotator = annotators.make_annotator("simulated", config.gold, config.temperature, config.flip_prob, seed)
+    # the gold judge is user code: score everything first and refuse a NaN/inf score, naming the row
+    annotator.gold = finite_scores(annotator.gold, samples, str(SAMPLES), f"label.gold {config.gold!r}")
     annotator_id = f"simulated:{config.gold}:tau={config.temperature}:flip={config.flip_prob}"
     return annotators.label_pairs(samples, annotator, annotator_id)
 
@@ -56,14 +59,13 @@ def label_from_dataset(config: LabelConfig) -> tuple[list[dict], dict]:
 def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
     path = Path(config.labels_file)
     if not path.exists():
-        raise DataError(f"{path}: no human labels yet; run the labelling flow (`rlhf label`) to collect them")
-    records = data.read_jsonl(path)
-    data.validate_preferences(records, str(path))
+        raise DataError(f"{path}: no human labels yet. Fix: collect some with the labelling flow (`rlhf label`)")
+    records = read_records(path, data.validate_preferences)
     return records, {"n_pairs": len(records), "n_annotators": len({r.get("annotator") for r in records})}
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # labelling is cheap: all of it runs before anything is written
         params = load_params()
         config = params.label
         if config.annotator == "simulated":
@@ -75,9 +77,8 @@ def main() -> None:
         data.validate_preferences(records, f"labels from the {config.annotator} annotator")
         train, held_out = split_by_prompt(records, config.eval_fraction, params.seed)
         if not train or not held_out:
-            raise DataError(f"{config.annotator} annotator: {len(records)} preference pairs are too few to split")
-    except (ConfigError, DataError, ValueError) as error:
-        fail(str(error))
+            raise DataError(f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train and eval. "
+                            "Fix: provide more pairs (or change label.eval_fraction in params.yaml)")
     data.write_jsonl(OUT_DIR / "train.jsonl", train)
     data.write_jsonl(OUT_DIR / "eval.jsonl", held_out)
     metrics = {**stats, "annotator": config.annotator, "n_train": len(train), "n_eval": len(held_out)}

@@ -14,10 +14,10 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from rlhf import data, embedded
-from rlhf.config import ConfigError, load_params
-from rlhf.data import DataError
+from rlhf.config import load_params
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
-from rlhf.stage import emit, fail, replace_folder, staging_folder
+from rlhf.stage import emit, replace_folder, staging_folder
+from rlhf.validation import check_tokenizer_fits_model, refuse_bad_input
 
 SFT_DIR, PROMPTS_DIR, BASE_DIR = Path("data/sft"), Path("data/prompts"), Path("models/base")
 METRICS = Path("metrics/prepare.json")
@@ -38,17 +38,15 @@ def load_real_dataset(source: str, split: str, eval_fraction: float, max_rows: i
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # params, tokenizer and text data are checked before any model is built or loaded
         params = load_params()
-    except ConfigError as error:
-        fail(str(error))
-    config, seed = params.prepare, params.seed
-    try:
+        config, seed = params.prepare, params.seed
         # 1. tokenizer first (cheap): the real one, or for the embedded default one trained on the corpus
         if config.base_model == "embedded":
             tokenizer = None
         else:
             tokenizer = load_tokenizer(config.base_model)
+            check_tokenizer_fits_model(tokenizer, config.base_model)  # reads config.json only
         render = data.renderer_for(tokenizer) if tokenizer is not None else data.render_messages
         # 2. text data
         if config.dataset == "embedded":
@@ -70,8 +68,6 @@ def main() -> None:
             data.check_lengths([r["prompt"] for r in corpus[name]], tokenizer, config.max_prompt_tokens, f"{source} ({name})", "prompt")
         for name in ("sft_train", "sft_eval"):
             data.validate_demonstrations(corpus[name], f"{source} ({name})")
-    except (DataError, ValueError, OSError) as error:
-        fail(str(error))
     # 4. base model
     if config.base_model == "embedded":
         model = build_tiny_gpt2(config.model, tokenizer, seed)

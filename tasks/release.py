@@ -9,9 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from rlhf.card import build_model_card, lineage_from_lock, read_csv, read_json
-from rlhf.config import ConfigError, as_dict, load_params
-from rlhf.stage import emit, fail, replace_folder, staging_folder
+from rlhf.card import build_model_card, lineage_from_lock, read_csv
+from rlhf.config import as_dict, load_params
+from rlhf.stage import emit, replace_folder, staging_folder
+from rlhf.validation import check_model_dir, read_json_object, refuse_bad_input
 
 POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
 UPSTREAM = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate"]
@@ -27,13 +28,10 @@ def git_commit() -> str:
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # before the staging folder: params, the policy folder, the metrics the card quotes
         params = load_params()
-    except ConfigError as error:
-        fail(str(error))
-    missing = [name for name in ("model.safetensors", "config.json") if not (POLICY / name).exists()]
-    if missing:
-        fail(f"{POLICY}: missing {missing}; run the ppo stage first")
+        check_model_dir(POLICY)
+        metrics = {name: read_json_object(Path(f"metrics/{name}.json")) for name in ("evaluate", "reward", "ppo")}
     staging = staging_folder(OUT_DIR)
     for path in POLICY.iterdir():
         if path.name in RELEASE_FILES or path.suffix in {".json", ".txt", ".model"}:
@@ -42,16 +40,15 @@ def main() -> None:
     for path in PLOTS:
         if path.exists():
             shutil.copy2(path, staging / path.name)
-    evaluation = read_json(Path("metrics/evaluate.json"))
     card = build_model_card(
         model_name=params.release.model_name,
         license=params.release.license,
         language=params.release.language,
         base_model=params.prepare.base_model,
         datasets=[params.prepare.dataset] + ([params.label.dataset] if params.label.annotator == "dataset" else []),
-        evaluation=evaluation,
-        reward=read_json(Path("metrics/reward.json")),
-        ppo=read_json(Path("metrics/ppo.json")),
+        evaluation=metrics["evaluate"],
+        reward=metrics["reward"],
+        ppo=metrics["ppo"],
         params=as_dict(params),
         git_commit=git_commit(),
         lineage=lineage_from_lock(Path("dvc.lock"), UPSTREAM),

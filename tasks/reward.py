@@ -9,11 +9,13 @@ import statistics
 from pathlib import Path
 
 from rlhf import data
-from rlhf.config import ConfigError, load_params
-from rlhf.data import DataError
+from rlhf.checkpoint import Checkpointer, config_part
+from rlhf.config import load_params
+from rlhf.guards import EXIT_DIVERGED, NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
 from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
 from rlhf.training import raw_scores, train_reward_model
+from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records, refuse_bad_input
 
 SFT_MODEL, PREFS, SAMPLES, OUT_DIR = Path("models/sft"), Path("data/preferences"), Path("data/pairs/samples.jsonl"), Path("models/reward")
 METRICS = Path("metrics/reward.json")
@@ -29,25 +31,30 @@ def annotator_agreement(rows: list[dict]) -> float | None:
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # cheap checks only: params, preference pairs, the SFT folder and its tokenizer
         params = load_params()
         config = params.reward
+        check_model_dir(SFT_MODEL)
         tokenizer = load_tokenizer(SFT_MODEL)
+        check_tokenizer_fits_model(tokenizer, SFT_MODEL)
         splits = {}
         for split in ("train", "eval"):
             path = PREFS / f"{split}.jsonl"
-            rows = data.read_jsonl(path)
-            data.validate_preferences(rows, str(path))
+            rows = read_records(path, data.validate_preferences)
             for side in ("chosen", "rejected"):
                 texts = [r["prompt"] + r[side] for r in rows]
                 data.check_lengths(texts, tokenizer, config.max_length - 1, str(path), f"prompt + {side}")
             splits[split] = rows
-        samples = data.read_jsonl(SAMPLES) if SAMPLES.exists() else []
-    except (ConfigError, DataError) as error:
-        fail(str(error))
+        samples = read_records(SAMPLES, data.validate_samples) if SAMPLES.exists() else []
     set_seed(params.seed + 3)
     model = load_scalar_model(SFT_MODEL, tokenizer.pad_token_id)
-    metrics = train_reward_model(model, tokenizer, splits["train"], splits["eval"], config, params.seed + 3, progress_logger("reward"))
+    # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
+    checkpoints = Checkpointer.for_stage("reward", config.checkpoint_every, config_part(config), params.seed + 3, PREFS, SFT_MODEL,
+                                         notify=lambda event, fields: emit("reward", event, **fields))
+    try:
+        metrics = train_reward_model(model, tokenizer, splits["train"], splits["eval"], config, params.seed + 3, progress_logger("reward"), checkpoints)
+    except NonFiniteError as error:
+        fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
     # normalise: SFT samples score mean 0, std 1 (Ziegler et al. 2019); reference answers when there are no samples
     if samples:
         pairs = [(r["prompt"], resp) for r in samples for resp in r["responses"]][:N_NORMALIZATION_SAMPLES]
@@ -70,6 +77,7 @@ def main() -> None:
         "normalization_std": normalization.std,
     })
     data.write_json(METRICS, metrics)
+    checkpoints.clear()  # the final model is in place: resume state no longer needed
     emit("reward", "metrics", **metrics)
 
 

@@ -10,28 +10,27 @@ from pathlib import Path
 import torch
 
 from rlhf import data, ppo
-from rlhf.config import ConfigError, load_params
-from rlhf.data import DataError
+from rlhf.config import load_params
 from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
 from rlhf.rollout import generate_responses
-from rlhf.stage import emit, fail
+from rlhf.stage import emit
+from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records, refuse_bad_input
 
 SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs/samples.jsonl")
 METRICS = Path("metrics/sample_pairs.json")
 
 
 def main() -> None:
-    try:
+    with refuse_bad_input():  # cheap checks only: params, prompts, the SFT folder and its tokenizer
         params = load_params()
-        prompts = data.read_jsonl(PROMPTS)
-        data.validate_prompts(prompts, str(PROMPTS))
         config = params.sample_pairs
-        check_prompts_fit(load_tokenizer(SFT_MODEL), [r["prompt"] for r in prompts], SFT_MODEL, config.max_new_tokens, str(PROMPTS))
-    except (ConfigError, DataError) as error:
-        fail(str(error))
+        prompts = read_records(PROMPTS, data.validate_prompts)
+        check_model_dir(SFT_MODEL)
+        tokenizer = load_tokenizer(SFT_MODEL)
+        check_tokenizer_fits_model(tokenizer, SFT_MODEL)
+        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], SFT_MODEL, config.max_new_tokens, str(PROMPTS))
     prompts = prompts[: config.n_prompts] if config.n_prompts else prompts
     set_seed(params.seed + 1)
-    tokenizer = load_tokenizer(SFT_MODEL)
     policy = load_policy(SFT_MODEL).eval()
     rows, n_finished = [], 0
     for start in range(0, len(prompts), config.batch_size):

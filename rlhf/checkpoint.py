@@ -1,0 +1,384 @@
+"""Crash-safe resume checkpoints for the training stages (SFT, reward model, PPO).
+
+Resume checkpoints live outside DVC outputs, in ``.rlhf/checkpoints/<stage>/`` (DVC deletes a stage's outs before it
+re-runs the stage, which would delete the very checkpoint a rerun needs). Layout of one stage's folder::
+
+    latest.json            {"step": 400, "dir": "step-400", "fingerprint": "…"}   pointer, replaced atomically
+    step-400/state.pt      torch.save of the main process's state (models, optimisers, RNG, data position, extras)
+    step-400/rng-rank<r>.pt  optional: each process's own RNG state (multi-process PPO)
+    step-400/meta.json     {"step", "fingerprint", "ranks", "format"}
+    tmp-step-600/          a save in progress; never read, removed by the next successful save
+
+A save writes everything into ``tmp-step-N``, fsyncs it, renames it to ``step-N`` (atomic on POSIX) and only then
+replaces ``latest.json`` (temp file + ``os.replace``), so a process killed at any instant leaves either the previous
+checkpoint or the new one, never a half-written one that a rerun would load.
+
+A checkpoint is resumed only when its fingerprint (:func:`fingerprint` of the config, seed and input hashes) equals
+the current one; otherwise it is discarded with a logged reason and training starts fresh.
+
+Everything saved is plain data (tensors, dicts, lists, tuples, ints, floats, bools, None, strings), so it loads with
+``torch.load(weights_only=True)``: NumPy's RNG keys are stored as a tensor, not an ndarray, for that reason.
+
+Multi-process use (PPO under accelerate), per checkpoint step N::
+
+    save_rank_rng(folder, N, rank, generators)          # every rank: its own RNG file into tmp-step-N/
+    accelerator.wait_for_everyone()
+    if main: save_checkpoint(folder, N, state, fp, ranks=world_size)   # models/optimisers: main process only
+    accelerator.wait_for_everyone()
+
+and on start ``load_latest(folder, fp, discard=is_main)`` on every rank, then ``load_rank_rng(folder, step, rank,
+generators)`` restores that rank's own streams. The folder must be on a filesystem all ranks see (one machine: yes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_ROOT = Path(".rlhf/checkpoints")
+FORMAT = 1  # bump when the layout or state content changes: older checkpoints then stop matching
+LATEST = "latest.json"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+Log = Callable[[str], None]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read back as expected (e.g. a rank's RNG file is missing)."""
+
+
+def checkpoint_folder(stage: str, root: Path = CHECKPOINT_ROOT) -> Path:
+    """Where ``stage`` keeps its resume checkpoints (relative to the workspace, the stage's cwd)."""
+    return root / stage
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+
+
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (sorted relative paths and contents); "missing" if absent."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    else:
+        return "missing"
+    for name, file in files:
+        digest.update(name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _canonical(part: Any) -> Any:
+    """A JSON-able, order-independent form of one fingerprint part (dataclass → dict, Path → content hash)."""
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+        return _canonical(dataclasses.asdict(part))
+    if isinstance(part, Path):
+        return {"path": part.as_posix(), "sha256": path_digest(part)}
+    if isinstance(part, Mapping):
+        return {str(key): _canonical(value) for key, value in part.items()}
+    if isinstance(part, (list, tuple)):
+        return [_canonical(value) for value in part]
+    if isinstance(part, (str, int, float, bool)) or part is None:
+        return part
+    raise TypeError(f"fingerprint: cannot hash a {type(part).__name__}; pass a dataclass, dict, Path or plain value")
+
+
+def config_part(config: Any, ignore: tuple[str, ...] = ("checkpoint_every",)) -> dict[str, Any]:
+    """A config dataclass as a dict without the fields that cannot change the result (how often to checkpoint)."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if key not in ignore}
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of everything a run's result depends on.
+
+    Parts may be config dataclasses or dicts (hashed as sorted JSON), plain values (the seed) and ``Path`` objects,
+    which are replaced by the sha256 of the file or folder contents (so a re-created but identical input matches).
+    e.g. ``fingerprint(config_without_checkpoint_every, seed, Path("data/sft"), Path("models/base"))``.
+    """
+    payload = json.dumps([FORMAT, *(_canonical(p) for p in parts)], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA when initialised) RNG states plus the named ``generators``' states.
+
+    The result holds only tensors and plain values (loads with ``weights_only=True``).
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "generators": {key: generator.get_state() for key, generator in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng`: the next draws of every stream equal those after the capture, bitwise.
+
+    Every generator named in ``generators`` must be in the saved state (a missing one is a :class:`CheckpointError`).
+    """
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for key, generator in (generators or {}).items():
+        if key not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for the random generator {key!r} (saved: {sorted(state['generators'])})")
+        generator.set_state(state["generators"][key])
+
+
+# ---------------------------------------------------------------------------------------------------- file system
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename/creation inside ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` via ``write(binary_handle)`` into a temp sibling, fsync, then ``os.replace`` it into place."""
+    temp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with temp.open("wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    _write_atomic(path, lambda handle: handle.write(json.dumps(record, sort_keys=True).encode()))
+
+
+def staging_dir(folder: Path, step: int) -> Path:
+    """The temp folder a checkpoint of ``step`` is assembled in (the same name on every rank)."""
+    return Path(folder) / f"tmp-step-{step}"
+
+
+def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed ``step-N`` folders), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def save_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None) -> Path:
+    """Every process: write its own RNG state (:func:`capture_rng`) to ``tmp-step-N/rng-rank<r>.pt``.
+
+    Call before the barrier that precedes the main process's :func:`save_checkpoint` (with ``ranks=world_size``).
+    """
+    staging = staging_dir(Path(folder), step)
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / f"rng-rank{rank}.pt"
+    rng = capture_rng(generators)
+    _write_atomic(path, lambda handle: torch.save(rng, handle))
+    return path
+
+
+def load_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Every process: restore its own RNG streams from ``step-N/rng-rank<r>.pt`` (after :func:`load_latest`)."""
+    path = Path(folder) / f"step-{step}" / f"rng-rank{rank}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint was written by fewer processes (include the process count in the fingerprint)")
+    restore_rng(torch.load(path, weights_only=True), generators)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], fingerprint: str, *, ranks: int = 0, keep: int = 1) -> Path:
+    """Atomically store ``state`` as the checkpoint of ``step`` and point ``latest.json`` at it; returns its folder.
+
+    ``state``: model/optimiser/scheduler ``state_dict()``s, :func:`capture_rng` output, the data position and small
+    extras, all plain data and tensors. ``ranks`` > 0: the per-rank RNG files ``rng-rank0..ranks-1`` must already be
+    in the staging folder (:func:`save_rank_rng`). ``keep``: complete checkpoints kept (the newest ``keep``); stale
+    temp folders of killed saves are removed too. Main process only.
+    """
+    folder = Path(folder)
+    staging = staging_dir(folder, step)
+    staging.mkdir(parents=True, exist_ok=True)
+    for stale in staging.iterdir():  # leftovers of a save of the same step killed in an earlier run
+        match = re.match(r"^rng-rank(\d+)\.pt$", stale.name)
+        if stale.is_file() and not (match and int(match.group(1)) < ranks):
+            stale.unlink()
+    missing = [r for r in range(ranks) if not (staging / f"rng-rank{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{staging}: RNG files of ranks {missing} are missing; call save_rank_rng on every rank before a barrier")
+    _write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle))
+    meta = {"step": step, "fingerprint": fingerprint, "ranks": ranks, "format": FORMAT, "time": round(time.time(), 3)}
+    _write_json_atomic(staging / META_FILE, meta)
+    final = folder / f"step-{step}"
+    if final.exists():  # a complete save of this step that latest.json never pointed to (killed in between)
+        shutil.rmtree(final)
+    staging.rename(final)
+    _fsync_dir(folder)
+    _write_json_atomic(folder / LATEST, {"step": step, "dir": final.name, "fingerprint": fingerprint})
+    _prune(folder, keep=max(1, keep), newest=step)
+    return final
+
+
+def _prune(folder: Path, keep: int, newest: int) -> None:
+    """Remove stale temp folders and all but the ``keep`` newest complete checkpoints (never the one just written).
+
+    Temp folders of later steps are left alone: other ranks may already be writing their RNG files into them.
+    """
+    for path in folder.iterdir():
+        temp_step = re.match(r"^tmp-step-(\d+)$", path.name)
+        if temp_step and int(temp_step.group(1)) <= newest:
+            shutil.rmtree(path, ignore_errors=True)
+        elif re.match(r"^latest\.json\.tmp\d+$", path.name):
+            path.unlink(missing_ok=True)
+    complete = [(step, path) for step, path in _step_dirs(folder) if step <= newest]
+    for step, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for step, path in _step_dirs(folder):  # newer than the one just written: from another run, never pointed to
+        if step > newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _latest_dir(folder: Path) -> Path | None:
+    """The checkpoint ``latest.json`` points to; without a usable pointer, the newest complete ``step-N`` folder."""
+    pointer = _read_json(folder / LATEST)
+    if pointer and isinstance(pointer.get("dir"), str) and _STEP_DIR.match(pointer["dir"]) and (folder / pointer["dir"] / META_FILE).is_file():
+        return folder / pointer["dir"]
+    complete = [path for _, path in _step_dirs(folder) if (path / META_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def load_latest(
+    folder: str | Path, fingerprint: str, *, discard: bool = True, log: Log = print, map_location: str | torch.device = "cpu"
+) -> tuple[int, dict[str, Any]] | None:
+    """``(step, state)`` of the newest complete checkpoint made with ``fingerprint``, else None.
+
+    A checkpoint with another fingerprint (changed params or inputs) or one that fails to load is reported through
+    ``log`` and, when ``discard`` (the main process), deleted; temp folders of killed saves are never read.
+    """
+    folder = Path(folder)
+    latest = _latest_dir(folder)
+    if latest is None:
+        return None
+    meta = _read_json(latest / META_FILE) or {}
+    step = meta.get("step")
+    if meta.get("fingerprint") != fingerprint or meta.get("format") != FORMAT:
+        log(f"{folder}: discarding the checkpoint of step {step}: it was made with other params or inputs "
+            f"(fingerprint {str(meta.get('fingerprint'))[:12]} != {fingerprint[:12]}); training starts from step 0")
+        if discard:
+            clear(folder)
+        return None
+    try:
+        state = torch.load(latest / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged file must not stop a fresh start
+        log(f"{latest / STATE_FILE}: unreadable ({type(error).__name__}: {error}); discarding it, training starts from step 0")
+        if discard:
+            clear(folder)
+        return None
+    return int(step), state
+
+
+def clear(folder: str | Path) -> None:
+    """Delete a stage's checkpoints (after its final outputs are written, or when they no longer match)."""
+    shutil.rmtree(Path(folder), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- the loop
+
+
+def _print_event(event: str, fields: dict) -> None:
+    print(f"checkpoint: {event} {json.dumps(fields, default=str)}", flush=True)
+
+
+@dataclass
+class Checkpointer:
+    """What a single-process training loop needs: resume on start, save every ``every`` steps, clear at the end.
+
+    ``notify(event, fields)`` reports ``resumed`` {step}, ``checkpoint`` {step, seconds} and ``checkpoint_discarded``
+    {reason}; the stage programs forward these as ``@rlhf`` lines. ``every`` ≤ 0 turns saving off (resume still works).
+    """
+
+    folder: Path
+    fingerprint: str
+    every: int
+    notify: Callable[[str, dict], None] = _print_event
+    keep: int = 1
+    last_step: int | None = field(default=None, init=False)  # step of the newest checkpoint on disk, if known
+
+    @classmethod
+    def for_stage(cls, stage: str, every: int, *parts: Any, notify: Callable[[str, dict], None] = _print_event) -> Checkpointer:
+        """The checkpointer of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts`` (see :func:`fingerprint`)."""
+        return cls(checkpoint_folder(stage), fingerprint(*parts), every, notify)
+
+    def due(self, step: int, total: int) -> bool:
+        """Save after ``step`` completed steps? Never at the last step: the final model is written instead."""
+        return self.every > 0 and step % self.every == 0 and 0 < step < total
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        save_checkpoint(self.folder, step, state, self.fingerprint, keep=self.keep)
+        self.last_step = step
+        self.notify("checkpoint", {"step": step, "seconds": round(time.perf_counter() - start, 4)})
+
+    def resume(self) -> tuple[int, dict[str, Any]] | None:
+        found = load_latest(self.folder, self.fingerprint, log=lambda reason: self.notify("checkpoint_discarded", {"reason": reason}))
+        if found is not None:
+            self.last_step = found[0]
+            self.notify("resumed", {"step": found[0]})
+        return found
+
+    def clear(self) -> None:
+        clear(self.folder)
+        self.last_step = None
+
+    def kept(self) -> str:
+        """A sentence for error messages: which checkpoint a rerun would resume from."""
+        if self.last_step is None:
+            return "no checkpoint was saved; a rerun starts from step 0"
+        return f"the last good checkpoint (step {self.last_step}) is kept in {self.folder}; a rerun with the same params resumes from it"
