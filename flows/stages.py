@@ -5,6 +5,10 @@ streams into the task's log line by line; ``@rlhf`` progress lines (rlhf/stage.p
 artifact (PPO: key ``ppo-progress``); afterwards the stage's metrics become a table artifact (key
 ``stage-metrics``) and the evaluation a markdown artifact (key ``evaluation``). A stage DVC skips as unchanged
 finishes in a COMPLETED state named ``Cached``.
+
+Retries (given per stage by the lifecycle flow: ppo 1) rerun the stage, which resumes from its last resume
+checkpoint; a stage that stopped on purpose (bad input: exit 2, diverged: exit 3, reported in an ``@rlhf failed``
+event since the launchers do not pass exit codes on) is not retried, nor a timed-out one.
 """
 
 from __future__ import annotations
@@ -29,8 +33,28 @@ METRICS_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY, EVALUATION_ARTIFACT_KEY = "stage-me
 PPO_PROGRESS_FIELDS = ("step", "total", "objective/scores", "objective/kl", "objective/kl_coef", "eps")
 
 
+NO_RETRY_EXIT_CODES = frozenset({2, 3})  # rlhf.stage.fail (bad input) and rlhf.guards.EXIT_DIVERGED: a rerun fails the same way
+
+
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message carries the end of its output."""
+    """A DVC stage exited non-zero; the message carries the end of its output.
+
+    ``exit_code``: the stage program's own status when it reported one (``@rlhf failed`` event), else DVC's.
+    """
+
+    def __init__(self, stage: str, exit_code: int, tail: str) -> None:
+        super().__init__(f"stage {stage!r} failed (exit {exit_code}):\n{tail}")
+        self.stage, self.exit_code, self.tail = stage, exit_code, tail
+
+    def __reduce__(self):  # picklable with its fields (Prefect may persist the exception as the failed state's result)
+        return (type(self), (self.stage, self.exit_code, self.tail))
+
+
+def retry_on_crash(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a stage that crashed (killed, out of memory, …), not one that stopped on
+    purpose (:data:`NO_RETRY_EXIT_CODES`) nor one that timed out (its process may still be running)."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, StageFailed) and error.exit_code not in NO_RETRY_EXIT_CODES
 
 
 def stage_order(repo_dir: str | Path) -> list[str]:
@@ -121,13 +145,21 @@ def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple
     return code, skipped, "\n".join(tail)
 
 
-@task(task_run_name="{stage}", retries=0, log_prints=False)
+@task(task_run_name="{stage}", retries=0, retry_condition_fn=retry_on_crash, log_prints=False)
 def run_stage(stage: str, repo_dir: str = ".") -> StageOutcome:
-    """One DVC stage as a Prefect task (no retries: DVC already makes a rerun cheap and safe to ask for by hand)."""
+    """One DVC stage as a Prefect task. No retries by default (DVC makes a rerun by hand cheap); the lifecycle flow
+    gives ppo one (``with_options(retries=…)``), which resumes from its last resume checkpoint."""
     logger = get_run_logger()
-    code, skipped, tail = run_dvc_stage(repo_dir, stage, logger.info, ProgressReporter(stage))
+    reporter, stops = ProgressReporter(stage), []
+
+    def on_record(record: dict) -> None:
+        if record.get("event") == "failed" and isinstance(record.get("exit_code"), int):
+            stops.append(record["exit_code"])
+        reporter(record)
+
+    code, skipped, tail = run_dvc_stage(repo_dir, stage, logger.info, on_record)
     if code != 0:
-        raise StageFailed(f"stage {stage!r} failed (dvc exit {code}):\n{tail}")
+        raise StageFailed(stage, stops[-1] if stops else code, tail)
     metrics: dict[str, object] = {}
     for path in stage_metrics_files(repo_dir, stage):
         if path.exists():
