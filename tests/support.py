@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -27,6 +28,15 @@ def tiny_params() -> dict:
     params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2, checkpoint_every=1)  # 2 checkpoints
     params["evaluate"].update(n_prompts=8, samples_per_prompt=2, checkpoint_prompts=4, bootstrap_resamples=200)
     return params
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over every file of ``folder`` (relative paths and bytes): equal digests mean identical folders."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def write_params(folder: Path, params: dict) -> None:

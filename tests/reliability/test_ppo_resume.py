@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import load_file
 
 import rlhf.ppo_trainer
-from support import REPO, git_env, make_tiny_repo, run_stage, write_params
+from support import REPO, git_env, make_tiny_repo, run_stage, write_params, folder_digest
 
 ITERATIONS, RESUME_EVERY, SNAPSHOT_EVERY = 8, 2, 3  # resume checkpoints after 2, 4, 6; policy snapshots 3, 6, 8
 TIMING = {"timing/rollout", "timing/optimise", "timing/iteration", "eps"}  # wall-clock columns of plots/ppo.csv
@@ -47,14 +47,6 @@ def set_ppo(workspace: Path, **values) -> None:
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["ppo"].update(values)
     write_params(workspace, params)
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def output_digests(workspace: Path) -> dict[str, str]:

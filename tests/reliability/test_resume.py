@@ -4,7 +4,6 @@ good checkpoint and leaves the previous outputs untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 import rlhf.checkpoint
 import rlhf.training
-from support import REPO, run_stage, tiny_params, write_params
+from support import REPO, run_stage, tiny_params, write_params, folder_digest
 
 SFT_STEPS, SFT_EVERY = 200, 20  # ≈ 12 ms a step with the tiny model: the kill lands well before the end
 RESULT_KEYS_IGNORED = {"seconds", "resumed_from_step"}
@@ -32,14 +31,6 @@ def events(output: str, stage: str) -> list[dict]:
     """The stage's ``@rlhf`` JSON lines, in order."""
     return [record for line in output.splitlines() if line.startswith("@rlhf ")
             if (record := json.loads(line[len("@rlhf "):]))["stage"] == stage]
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from support import run_stage, tiny_params, write_params
+from support import run_stage, tiny_params, write_params, folder_digest
 from rlhf import data
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer
 from rlhf.training import raw_scores
@@ -21,14 +20,6 @@ from rlhf.training import raw_scores
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def set_params(folder: Path, **sections: dict) -> None:
