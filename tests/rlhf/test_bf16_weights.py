@@ -1,0 +1,116 @@
+"""Single-process bf16 training with fp32 master weights (rlhf.ppo_trainer.Bf16Weights)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from rlhf import embedded
+from rlhf.config import PPOConfig, TinyModelConfig
+from rlhf.modeling import RewardNormalization, build_tiny_gpt2, load_scalar_model
+from rlhf.ppo_trainer import Bf16Weights, PPOModels, prepare_training, train_ppo
+
+PROMPTS = ["the plot was", "the music was very lovely and the cast was", "the film was", "the ending was dull but the script was"]
+
+
+def two_layer_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def bf16_gradients(net: torch.nn.Module, weights: Bf16Weights, inputs: torch.Tensor) -> None:
+    weights.compute()
+    net(inputs.bfloat16()).float().pow(2).sum().backward()
+    weights.master()
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3])  # clipping active / inactive
+def test_chunked_step_equals_clip_then_one_adamw_step_on_the_fp32_gradients(max_grad_norm: float) -> None:
+    inputs = torch.randn(4, 6)
+    net, reference = two_layer_net(0), two_layer_net(0)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, fused=True)
+    weights = Bf16Weights(net)
+    for _ in range(2):  # the second step uses AdamW state from the first
+        bf16_gradients(net, weights, inputs)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.bfloat16 for p in net.parameters())
+        for p, q in zip(net.parameters(), reference.parameters()):
+            q.grad = p.grad.float()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
+        reference_optimizer.step()
+        # 1 parameter per chunk: four separate fused steps must give exactly what one step gives
+        norm = weights.step(optimizer, max_grad_norm, chunk_bytes=1)
+        optimizer.zero_grad(set_to_none=True)
+        reference_optimizer.zero_grad(set_to_none=True)
+        assert torch.allclose(norm, expected_norm, rtol=1e-6)
+        for p, q in zip(net.parameters(), reference.parameters()):
+            assert p.dtype == torch.float32 and torch.allclose(p, q, rtol=0, atol=1e-7)
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in net.parameters())
+    weights.close()
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_compute_casts_from_the_masters_and_close_restores_the_same_tensors() -> None:
+    net = two_layer_net(1)
+    masters = [p.data for p in net.parameters()]
+    weights = Bf16Weights(net)
+    weights.compute()
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    assert all(torch.equal(p.data, m.bfloat16()) for p, m in zip(net.parameters(), masters))
+    weights.close()
+    assert all(p.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), masters))  # the fp32 storage itself, not a round trip
+
+
+def fresh_models(folder) -> PPOModels:
+    """The same policy, reference, critic and reward model on every call (score heads seeded)."""
+    rng = random.Random(0)
+    tokenizer = embedded.train_tokenizer([embedded.sample_review(rng) for _ in range(200)])
+    shape = TinyModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=48)
+    build_tiny_gpt2(shape, tokenizer, seed=0).save_pretrained(folder)
+    torch.manual_seed(1)
+    critic = load_scalar_model(folder, tokenizer.pad_token_id)
+    torch.manual_seed(2)
+    reward_model = load_scalar_model(folder, tokenizer.pad_token_id)
+    return PPOModels(policy=build_tiny_gpt2(shape, tokenizer, seed=0), reference=build_tiny_gpt2(shape, tokenizer, seed=0),
+                     critic=critic, reward_model=reward_model, reward_normalization=RewardNormalization(), tokenizer=tokenizer)
+
+
+def policy_update(folder, precision: str, bf16_weights: bool) -> torch.Tensor:
+    """Parameter change of the policy after one PPO iteration (2 epochs × 2 minibatches) in the given precision."""
+    config = PPOConfig(iterations=1, rollout_batch_size=4, num_minibatches=2, ppo_epochs=2, response_length=6, learning_rate=1e-3,
+                       mixed_precision=precision, sampling_seeds="per_episode")
+    models = fresh_models(folder)
+    initial = [p.detach().clone() for p in models.policy.parameters()]
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state; each run sets its own precision
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    prepared = prepare_training(models, config, accelerator)
+    assert (prepared.bf16_weights is not None) == (precision == "bf16")
+    if not bf16_weights:
+        prepared.bf16_weights = None  # autocast over the fp32 weights
+    history = train_ppo(models, PROMPTS, config, 0, accelerator, prepared=prepared)
+    assert all(p.dtype == torch.float32 for p in prepared.module.parameters())
+    assert all(v.dtype == torch.float32 for state in prepared.optimizer.state.values() for v in state.values() if v.dim())
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values() if isinstance(v, float))
+    return torch.cat([(p.detach() - q).flatten() for p, q in zip(models.policy.parameters(), initial)])
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)  # leave no bf16 state to later tests in this process
+
+
+def test_bf16_weights_update_is_as_close_to_fp32_as_autocasts(tmp_path, fresh_accelerator_state) -> None:
+    """One bf16 PPO iteration on one process: the path applies, parameters and optimiser state stay fp32, and the
+    update is as close to the fp32 one as the update of autocast over fp32 weights is."""
+    fp32 = policy_update(tmp_path / "a", "no", False)
+    bf16 = policy_update(tmp_path / "b", "bf16", True)
+    autocast = policy_update(tmp_path / "c", "bf16", False)
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    print(f"cosine to fp32: bf16 weights {cosine(bf16, fp32):.5f}, autocast {cosine(autocast, fp32):.5f}; bf16 vs autocast {cosine(bf16, autocast):.5f}")
+    assert fp32.norm() > 1e-3
+    assert cosine(bf16, fp32) > 0.99 and cosine(bf16, fp32) > cosine(autocast, fp32) - 0.005
