@@ -134,13 +134,14 @@ class PPOConfig:
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
     config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; README "Scaling PPO")
     num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
-    mixed_precision: str = "no"  # "no" | "bf16" (GPU): autocast with fp32 master weights; frozen models held in bf16
+    mixed_precision: str = "no"  # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
     sampling_seeds: str = "per_rank"  # "per_rank": generate() seeded seed·1000+rank; "per_episode": the same episodes for any process count
     value_model: str = "critic"  # "critic": separate critic (a second trunk); "head": linear value head on the policy trunk
     lora_rank: int = 0  # 0 = train all policy weights; > 0 = LoRA adapters (peft), reference = adapter disabled
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+    parallel_critic: bool = True  # one process + separate critic: policy and critic forward/backward on two threads, half the cores each
     rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
     checkpoint_every: int = 0  # save the policy every N iterations to models/policy_checkpoints/step-N (0 = only the final one)
     resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output
