@@ -141,7 +141,6 @@ class PPOConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
-    parallel_critic: bool = True  # one process + separate critic: policy and critic forward/backward on two threads, half the cores each
     rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
     checkpoint_every: int = 0  # save the policy every N iterations to models/policy_checkpoints/step-N (0 = only the final one)
     resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output

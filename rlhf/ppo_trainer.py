@@ -527,51 +527,6 @@ def ppo_minibatch_loss(
     return loss, {**policy_stats, **value_stats, "ppo/loss/total": loss.detach()}
 
 
-class ParallelPolicyAndCritic:
-    """Step 7's forward and backward of the policy and of the separate critic on two threads at once.
-
-    The two trunks share nothing until the loss, and the loss is a sum (surrogate − entropy on the policy side,
-    c1 · value loss on the critic side), so each side runs its own forward and backward on its own thread with half
-    the intra-op threads; the gradients are those of the summed loss. On 2 CPU cores the small ops of these models
-    keep two OpenMP threads poorly busy; two trunks side by side did a forward + backward 25 % faster at 0.86 M
-    parameters and 12 % at 19 M (bf16; bench/ppo_vs_trl.py). Autocast state is per thread: each side enters it.
-    One process only (DDP's reducer expects one backward per forward).
-    """
-
-    def __init__(self, trainable: PolicyAndCritic):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.trainable = trainable
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ppo-side")
-
-    @staticmethod
-    def applies(trainable: nn.Module, config: PPOConfig, accelerator: Accelerator) -> bool:
-        return (config.parallel_critic and isinstance(trainable, PolicyAndCritic) and accelerator.distributed_type == DistributedType.NO
-                and torch.get_num_threads() >= 2)
-
-    def step(self, batch: Experience, config: PPOConfig, loss_weight: float, autocast: Callable) -> dict[str, torch.Tensor]:
-        """Forward + backward of ``loss_weight`` × the micro-batch loss; returns the statistics of ppo_minibatch_loss.
-        ``autocast``: the accelerator's autocast context (entered on each thread, as accelerate does around forward)."""
-        input_ids, attention_mask = model_inputs(batch)
-        start = batch.query_ids.shape[1]
-        threads = torch.get_num_threads()
-
-        def side(forward: Callable, loss_of: Callable) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            torch.set_num_threads(max(1, threads // 2))
-            with autocast():
-                loss, stats = loss_of(forward(input_ids, attention_mask, start), batch, config)
-            (loss * loss_weight).backward()
-            return loss.detach(), stats
-
-        try:
-            policy = self.pool.submit(side, self.trainable.policy_logits, policy_side_loss)
-            critic = self.pool.submit(side, self.trainable.critic_values, value_side_loss)
-            (policy_loss, policy_stats), (value_loss, value_stats) = policy.result(), critic.result()
-        finally:
-            torch.set_num_threads(threads)
-        return {**policy_stats, **value_stats, "ppo/loss/total": policy_loss + value_loss}
-
-
 class Bf16Weights:
     """bf16 copies of the trained weights for the PPO epochs' forwards and backwards; the fp32 tensors stay the
     optimiser's master weights (mixed precision with an fp32 master copy, Micikevicius et al. 2018; bf16 needs no
@@ -579,10 +534,10 @@ class Bf16Weights:
     parameters outside :meth:`compute` / :meth:`master` and the module is fp32 again after :meth:`close`.
 
     Against autocast over fp32 weights it copies as much per step (weights fp32 → bf16 once, gradients bf16 → fp32
-    once) but keeps activations in bf16 end to end (no per-op casts, no cast copies saved for the backward) and
-    holds bf16 instead of fp32 gradients through the backward: on the 19 M bench model a PPO step is ≈ 15 % faster
-    and peak RSS ≈ 90 MiB lower (bench/ppo_vs_trl.py). One process and one micro-batch per step only: DDP's
-    buckets keep the dtype they were built with, and accumulating gradients in bf16 would lose precision.
+    once, a chunk at a time in :meth:`step`) but keeps activations in bf16 end to end (no per-op casts) and never
+    holds all gradients in fp32: on the 19 M bench model peak RSS went from 1236 to 1185 MiB at the same speed
+    (within the run-to-run noise of ±10 %; bench/ppo_vs_trl.py). One process and one micro-batch per step only:
+    DDP's buckets keep the dtype they were built with, and accumulating gradients in bf16 would lose precision.
     """
 
     def __init__(self, module: nn.Module):
@@ -641,7 +596,6 @@ class PreparedTraining:
     module: nn.Module  # trainable_module(models) wrapped by accelerate (DDP, FSDP, DeepSpeed … or as is)
     optimizer: torch.optim.Optimizer  # AdamW over the trainable parameters (LoRA: adapters + value model only)
     bf16_weights: Bf16Weights | None = None  # single-process bf16: see Bf16Weights
-    parallel: ParallelPolicyAndCritic | None = None  # single process, separate critic: see ParallelPolicyAndCritic
 
 
 def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelerator) -> PreparedTraining:
@@ -672,8 +626,7 @@ def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelera
             if accelerator.mixed_precision == "bf16":
                 frozen.to(torch.bfloat16)  # no gradients, no optimiser state: fp32 master weights buy nothing
     bf16_weights = Bf16Weights(trainable) if Bf16Weights.applies(trainable, config, accelerator) else None
-    parallel = ParallelPolicyAndCritic(trainable) if ParallelPolicyAndCritic.applies(trainable, config, accelerator) else None
-    return PreparedTraining(module, optimizer, bf16_weights, parallel)
+    return PreparedTraining(module, optimizer, bf16_weights)
 
 
 def optimise(
@@ -701,11 +654,8 @@ def optimise(
                         bf16_weights.compute()
                     micro_batch = batch.select(micro.to(device)).trimmed()
                     weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
-                    if prepared.parallel is not None:  # accelerator.backward divides by the accumulation steps: the same here
-                        stats = prepared.parallel.step(micro_batch, config, weight / accelerator.gradient_accumulation_steps, accelerator.autocast)
-                    else:
-                        loss, stats = ppo_minibatch_loss(trainable, micro_batch, config)
-                        accelerator.backward(loss * weight)
+                    loss, stats = ppo_minibatch_loss(trainable, micro_batch, config)
+                    accelerator.backward(loss * weight)
                     if bf16_weights is not None:
                         bf16_weights.master()
                         bf16_weights.step(optimizer, config.max_grad_norm)

@@ -67,31 +67,3 @@ def test_one_iteration_changes_the_policy_and_logs_metrics(models: PPOModels) ->
     assert any(not torch.equal(a, b) for a, b in zip(before, models.policy.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(models.reference.parameters(), build_tiny_gpt2(TinyModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=48), models.tokenizer, seed=0).parameters()))
 
-
-def test_policy_and_critic_on_two_threads_give_the_gradients_and_statistics_of_the_summed_loss(models: PPOModels) -> None:
-    """ParallelPolicyAndCritic: each side's forward + backward on its own thread = one backward of the summed loss."""
-    import contextlib
-
-    from rlhf.ppo_trainer import ParallelPolicyAndCritic
-
-    config = PPOConfig(response_length=8, ent_coef=0.01)
-    trainable = PolicyAndCritic(models.policy, models.critic)
-    torch.manual_seed(1)
-    experience = add_advantages(collect_experience(models, trainable, PROMPTS, config, 4, torch.device("cpu")), config, 0.1, None)
-    with torch.no_grad():  # a different policy than the one that sampled: ratios ≠ 1, some clipping
-        for p in models.policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    loss, expected_stats = ppo_minibatch_loss(trainable, experience, config)
-    (loss * 0.7).backward()
-    expected = {n: p.grad.clone() for n, p in trainable.named_parameters()}
-    trainable.zero_grad(set_to_none=True)
-    threads = torch.get_num_threads()
-    stats = ParallelPolicyAndCritic(trainable).step(experience, config, 0.7, contextlib.nullcontext)
-    assert torch.get_num_threads() == threads  # restored
-    for name, p in trainable.named_parameters():
-        assert torch.allclose(p.grad, expected[name], rtol=1e-5, atol=1e-7), name
-    assert set(stats) == set(expected_stats)
-    for name in stats:
-        assert torch.allclose(stats[name], expected_stats[name], rtol=1e-5, atol=1e-7), name
-    assert float(stats["ppo/policy/clipfrac"]) > 0
-    trainable.zero_grad(set_to_none=True)
