@@ -79,22 +79,15 @@ class PolicyAndCritic(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, s) ids → policy logits (b, s', vocab) and critic values (b, s'): every position (s' = s), or with
         ``response_start`` = q only the positions q−1 … s−2 that predict the response tokens (s' = s − q)."""
-        return self.policy_logits(input_ids, attention_mask, response_start), self.critic_values(input_ids, attention_mask, response_start)
-
-    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> torch.Tensor:
-        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
-        if self.lean:  # the LM head only where it is read
-            return lean_gpt2.lm_logits(self.policy, lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep])
-        position_ids = position_ids_from_mask(attention_mask)
-        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits[:, keep]
-
-    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> torch.Tensor:
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         if self.lean:
-            return self.critic.score(lean_gpt2.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
+            hidden = lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep]
+            values = self.critic.score(lean_gpt2.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
+            return lean_gpt2.lm_logits(self.policy, hidden), values  # the LM head only where it is read
         position_ids = position_ids_from_mask(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.critic.score(hidden[:, keep]).squeeze(-1)
+        return logits[:, keep], self.critic.score(hidden[:, keep]).squeeze(-1)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -491,40 +484,32 @@ def add_advantages(experience: Experience, config: PPOConfig, kl_coef: float, al
 # Optimisation
 
 
-def model_inputs(batch: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, q + t) ids and attention mask of query + response."""
-    return torch.cat([batch.query_ids, batch.responses], dim=1), torch.cat([batch.query_mask, batch.response_mask.long()], dim=1)
-
-
-def policy_side_loss(response_logits: torch.Tensor, batch: Experience, config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(b, t, vocab) logits → clipped surrogate − c2 · entropy (the terms whose gradient reaches the policy)."""
-    logprobs = ppo.logprobs_from_logits(response_logits.float(), batch.responses, config.temperature)
-    # without an entropy bonus the entropy is only reported: keep it out of the graph (no backward through it)
-    entropy = ppo.entropy_from_logits((response_logits if config.ent_coef else response_logits.detach()).float(), config.temperature)
-    pg_loss, pg_stats = ppo.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range)
-    mean_entropy = ppo.masked_mean(entropy, batch.response_mask)
-    stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/policy/entropy": mean_entropy.detach(),
-             "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/clipfrac": pg_stats["clipfrac"]}
-    return pg_loss - config.ent_coef * mean_entropy, stats
-
-
-def value_side_loss(new_values: torch.Tensor, batch: Experience, config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(b, t) values → c1 · clipped value loss (the term whose gradient reaches the critic or value head)."""
-    vf_loss, vf_stats = ppo.value_loss(new_values.float(), batch.values, batch.returns, batch.response_mask, config.clip_range_value)
-    stats = {"ppo/loss/value": vf_loss.detach(), "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/vpred": vf_stats["mean_value"]}
-    return config.vf_coef * vf_loss, stats
-
-
 def ppo_minibatch_loss(
     trainable: nn.Module, batch: Experience, config: PPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Step 7 for one micro-batch: clipped surrogate + c1 · clipped value loss − c2 · entropy."""
-    input_ids, attention_mask = model_inputs(batch)
+    input_ids = torch.cat([batch.query_ids, batch.responses], dim=1)
+    attention_mask = torch.cat([batch.query_mask, batch.response_mask.long()], dim=1)
     response_logits, new_values = trainable(input_ids, attention_mask, response_start=batch.query_ids.shape[1])
-    policy_loss, policy_stats = policy_side_loss(response_logits, batch, config)
-    value_loss, value_stats = value_side_loss(new_values, batch, config)
-    loss = policy_loss + value_loss
-    return loss, {**policy_stats, **value_stats, "ppo/loss/total": loss.detach()}
+    logprobs = ppo.logprobs_from_logits(response_logits, batch.responses, config.temperature)
+    # without an entropy bonus the entropy is only reported: keep it out of the graph (no backward through it)
+    entropy = ppo.entropy_from_logits(response_logits if config.ent_coef else response_logits.detach(), config.temperature)
+    mask = batch.response_mask
+    pg_loss, pg_stats = ppo.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.clip_range)
+    vf_loss, vf_stats = ppo.value_loss(new_values, batch.values, batch.returns, mask, config.clip_range_value)
+    mean_entropy = ppo.masked_mean(entropy, mask)
+    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * mean_entropy
+    stats = {
+        "ppo/loss/policy": pg_loss.detach(),
+        "ppo/loss/value": vf_loss.detach(),
+        "ppo/loss/total": loss.detach(),
+        "ppo/policy/entropy": mean_entropy.detach(),
+        "ppo/policy/approxkl": pg_stats["approxkl"],
+        "ppo/policy/clipfrac": pg_stats["clipfrac"],
+        "ppo/val/clipfrac": vf_stats["clipfrac"],
+        "ppo/val/vpred": vf_stats["mean_value"],
+    }
+    return loss, stats
 
 
 class Bf16Weights:
@@ -652,9 +637,8 @@ def optimise(
                 with accelerator.accumulate(trainable):
                     if bf16_weights is not None:
                         bf16_weights.compute()
-                    micro_batch = batch.select(micro.to(device)).trimmed()
+                    loss, stats = ppo_minibatch_loss(trainable, batch.select(micro.to(device)).trimmed(), config)
                     weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
-                    loss, stats = ppo_minibatch_loss(trainable, micro_batch, config)
                     accelerator.backward(loss * weight)
                     if bf16_weights is not None:
                         bf16_weights.master()

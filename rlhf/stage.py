@@ -6,6 +6,7 @@ can turn them into progress bars and tables while the stage runs; everything els
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -50,6 +51,7 @@ def staging_folder(final: Path) -> Path:
     return staging
 
 
+@functools.cache
 def _libc():
     import ctypes
     import ctypes.util

@@ -66,4 +66,3 @@ def test_one_iteration_changes_the_policy_and_logs_metrics(models: PPOModels) ->
     assert len(history) == 1 and history[0]["episodes"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, models.policy.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(models.reference.parameters(), build_tiny_gpt2(TinyModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=48), models.tokenizer, seed=0).parameters()))
-
