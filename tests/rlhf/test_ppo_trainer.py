@@ -7,11 +7,22 @@ import random
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from rlhf import embedded
 from rlhf.config import PPOConfig, TinyModelConfig
 from rlhf.modeling import RewardNormalization, build_tiny_gpt2, load_scalar_model
-from rlhf.ppo_trainer import PPOModels, PolicyAndCritic, add_advantages, collect_experience, ppo_minibatch_loss, shard_for_rank, train_ppo
+from rlhf.ppo_trainer import (
+    Bf16Weights,
+    PPOModels,
+    PolicyAndCritic,
+    add_advantages,
+    collect_experience,
+    policy_then_critic_backward,
+    ppo_minibatch_loss,
+    shard_for_rank,
+    train_ppo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +61,61 @@ def test_train_time_logprobs_equal_rollout_logprobs_before_any_update(models: PP
     _, stats = ppo_minibatch_loss(trainable, experience, config)
     assert float(stats["ppo/policy/approxkl"]) < 1e-10 and float(stats["ppo/policy/clipfrac"]) == 0.0
     assert float(stats["ppo/val/clipfrac"]) == 0.0
+
+
+def perturbed_experience(models: PPOModels, trainable: PolicyAndCritic, config: PPOConfig):
+    """A rollout batch whose old log-probs and values are off the current model's (ratios ≠ 1, some clipped)."""
+    torch.manual_seed(0)
+    experience = collect_experience(models, trainable, PROMPTS, config, forward_batch_size=4, device=torch.device("cpu"))
+    experience = add_advantages(experience, config, kl_coef=0.1, all_reduce_sum=None)
+    generator = torch.Generator().manual_seed(1)
+    experience.logprobs = experience.logprobs + 0.3 * torch.randn(experience.logprobs.shape, generator=generator) * experience.response_mask
+    experience.values = experience.values + 0.5 * torch.randn(experience.values.shape, generator=generator) * experience.response_mask
+    return experience
+
+
+def test_policy_then_critic_backward_gives_the_joint_backwards_gradients_and_statistics(models: PPOModels) -> None:
+    """Two backwards (policy, then critic) over disjoint parameters: the same gradients, bit for bit, as one."""
+    config = PPOConfig(response_length=8, temperature=0.7, ent_coef=0.01, vf_coef=0.3, clip_range=0.1, clip_range_value=0.1)
+    trainable = PolicyAndCritic(models.policy, models.critic)
+    assert trainable.lean
+    experience = perturbed_experience(models, trainable, config)
+    trainable.zero_grad(set_to_none=True)
+    loss, joint_stats = ppo_minibatch_loss(trainable, experience, config)
+    (loss * 0.7).backward()
+    joint = {name: p.grad.clone() for name, p in trainable.named_parameters()}
+    trainable.zero_grad(set_to_none=True)
+    stats = policy_then_critic_backward(trainable, experience, config, 0.7, Accelerator(cpu=True), None)
+    assert float(joint_stats["ppo/policy/clipfrac"]) > 0 and float(joint_stats["ppo/val/clipfrac"]) > 0
+    assert stats.keys() == joint_stats.keys()
+    for name, value in joint_stats.items():
+        assert torch.allclose(stats[name], value, rtol=1e-6, atol=0), name
+    for name, parameter in trainable.named_parameters():
+        assert torch.equal(parameter.grad, joint[name]), name
+    trainable.zero_grad(set_to_none=True)
+
+
+def test_policy_then_critic_backward_casts_one_model_at_a_time_under_bf16_weights(models: PPOModels) -> None:
+    """While the policy runs, the critic holds its fp32 masters (and vice versa); all fp32 again afterwards."""
+    config = PPOConfig(response_length=8, temperature=0.7)
+    trainable = PolicyAndCritic(models.policy, models.critic)
+    experience = perturbed_experience(models, trainable, config)
+    weights = Bf16Weights(trainable)
+    seen = []
+    hook = lambda module, args: seen.append((module is trainable.policy.transformer, {p.dtype for p in trainable.policy.parameters()}, {p.dtype for p in trainable.critic.parameters()}))  # noqa: E731
+    handles = [trainable.policy.transformer.wte.register_forward_pre_hook(lambda m, a: hook(trainable.policy.transformer, a)),
+               trainable.critic.transformer.wte.register_forward_pre_hook(lambda m, a: hook(trainable.critic.transformer, a))]
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state: this test's precision is bf16
+    try:
+        stats = policy_then_critic_backward(trainable, experience, config, 1.0, Accelerator(cpu=True, mixed_precision="bf16"), weights)
+    finally:
+        for handle in handles:
+            handle.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == [(True, {torch.bfloat16}, {torch.float32}), (False, {torch.float32}, {torch.bfloat16})]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.bfloat16 for p in trainable.parameters())
+    assert torch.isfinite(stats["ppo/loss/total"]) and stats["ppo/loss/total"].dtype == torch.float32
+    trainable.zero_grad(set_to_none=True)
 
 
 def test_shards_are_disjoint_and_equal_sized() -> None:
