@@ -48,12 +48,12 @@ def record_gradient_syncs(module: torch.nn.Module, accelerator) -> list[int]:
     return steps
 
 
-def worker(workdir: Path, profile: str, num_processes: int, out: Path) -> None:
+def worker(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> None:
     """Run train_ppo as the stage does; every rank saves its trained weights, world size and gradient syncs."""
     from rlhf.config import PPOConfig
     from rlhf.ppo_trainer import load_ppo_models, make_accelerator, prepare_training, train_ppo
 
-    config = PPOConfig(**CONFIG, config_file=str(REPO / profile), num_processes=num_processes)
+    config = PPOConfig(**{**CONFIG, **(overrides or {})}, config_file=str(REPO / profile), num_processes=num_processes)
     accelerator = make_accelerator(config)  # refuses a world size other than num_processes
     models = load_ppo_models(config, workdir / "sft", workdir / "reward")
     prepared = prepare_training(models, config, accelerator)
@@ -67,6 +67,9 @@ def worker(workdir: Path, profile: str, num_processes: int, out: Path) -> None:
         "parameters": {name: p.detach().cpu() for name, p in trained.named_parameters()},
         "history": history,
         "gradient_syncs": syncs,
+        "mixed_precision": accelerator.mixed_precision,
+        "bf16_weights": prepared.bf16_weights is not None,
+        "optimizer_state_dtypes": sorted({str(v.dtype) for state in prepared.optimizer.state.values() for v in state.values() if v.dim()}),
     }, out / f"rank{accelerator.process_index}.pt")
     accelerator.end_training()
 
@@ -97,13 +100,13 @@ def build_workdir(folder: Path) -> Path:
     return folder
 
 
-def launch(workdir: Path, profile: str, num_processes: int, out: Path) -> list[dict]:
-    """`accelerate launch` this file's worker; returns each rank's result."""
+def launch(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> list[dict]:
+    """`accelerate launch` this file's worker (``overrides``: PPOConfig fields over CONFIG); returns each rank's result."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the profile alone must select the CPU
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / profile),
                "--num_processes", str(num_processes), "--mixed_precision", "no",
-               __file__, str(workdir), profile, str(num_processes), str(out)]
+               __file__, str(workdir), profile, str(num_processes), str(out), json.dumps(overrides or {})]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
@@ -142,6 +145,26 @@ def test_two_processes_train_the_same_policy_as_one(tmp_path: Path) -> None:
         for a, b in zip(one[0]["history"], two[0]["history"]):
             assert abs(a[name] - b[name]) <= 1e-4 * max(1.0, abs(a[name])), (name, a[name], b[name])
     assert 0 < one[0]["history"][0]["val/num_eos_tokens"] < CONFIG["rollout_batch_size"]  # lengths really differ
+
+
+def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(tmp_path: Path) -> None:
+    """`ppo.mixed_precision: bf16` through `accelerate launch` as the stage runs it (the launch flag says "no"; the
+    precision comes from params): the bf16-weights path applies, weights and AdamW state stay fp32, and the update
+    points where the fp32 run's does."""
+    workdir = build_workdir(tmp_path / "models")
+    single_step = {"gradient_accumulation_steps": 1}  # bf16 weights: one micro-batch per optimiser step
+    fp32 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "fp32", single_step)[0]
+    bf16 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "bf16", {**single_step, "mixed_precision": "bf16"})[0]
+    assert (fp32["mixed_precision"], fp32["bf16_weights"]) == ("no", False)
+    assert (bf16["mixed_precision"], bf16["bf16_weights"]) == ("bf16", True)
+    assert all(p.dtype == torch.float32 for p in bf16["parameters"].values()) and bf16["optimizer_state_dtypes"] == ["torch.float32"]
+    initial = build_initial_parameters(workdir)
+    update = lambda run: torch.cat([(run["parameters"][name] - initial[name]).flatten() for name in initial])  # noqa: E731
+    cosine = float(torch.nn.functional.cosine_similarity(update(bf16), update(fp32), dim=0))
+    print(f"cosine(bf16 update, fp32 update) = {cosine:.4f} over 2 iterations")
+    assert update(fp32).norm() > 1e-2 and cosine > 0.95
+    for a, b in zip(fp32["history"], bf16["history"]):
+        assert abs(a["objective/scores"] - b["objective/scores"]) <= 0.05 * max(1.0, abs(a["objective/scores"]))
 
 
 def build_initial_parameters(workdir: Path) -> dict[str, torch.Tensor]:
@@ -270,4 +293,4 @@ def test_gradient_checkpointing_does_not_change_the_update(tiny_workdir: Path) -
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+    worker(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), json.loads(sys.argv[5]))
