@@ -528,10 +528,9 @@ def ppo_minibatch_loss(
     return loss, {**policy_stats, **value_stats, "ppo/loss/total": loss.detach()}
 
 
-def separate_backward_applies(prepared: "PreparedTraining", accelerator: Accelerator) -> bool:
-    """Whether :func:`policy_then_critic_backward` may replace the joint forward/backward: one process (no DDP
-    hooks to bypass) and a lean policy + critic."""
-    module = accelerator.unwrap_model(prepared.module)
+def separate_backward_applies(module: nn.Module, accelerator: Accelerator) -> bool:
+    """Whether :func:`policy_then_critic_backward` may replace the joint forward/backward of the unwrapped ``module``:
+    one process (no DDP hooks to bypass) and a lean policy + critic."""
     return accelerator.distributed_type == DistributedType.NO and isinstance(module, PolicyAndCritic) and module.lean
 
 
@@ -604,7 +603,6 @@ class Bf16Weights:
         chunk of parameters at a time so that never more than ``chunk_bytes`` of fp32 gradients exist (AdamW's
         fused kernel needs gradients in the parameters' dtype). Parameters without a gradient are skipped by the
         optimiser, so stepping chunk by chunk gives the same numbers as one step. Returns the norm before clipping.
-        Norms, casts and scaling are ``_foreach`` calls (one dispatch per chunk, not per tensor).
         """
         pending = [(p, p.grad) for p in self.parameters if p.grad is not None]
         for parameter, _ in pending:
@@ -680,8 +678,8 @@ def optimise(
     micro_size = minibatch_size // world_size // accumulation
     trainable, optimizer, bf16_weights = prepared.module, prepared.optimizer, prepared.bf16_weights
     valid_tokens = batch.response_mask.sum(1).cpu()
-    separate = separate_backward_applies(prepared, accelerator)
     unwrapped = accelerator.unwrap_model(trainable)
+    separate = separate_backward_applies(unwrapped, accelerator)
     step_stats: dict[str, list[torch.Tensor]] = {}
     for _ in range(config.ppo_epochs):
         order = torch.randperm(config.rollout_batch_size, generator=shuffle_generator)

@@ -101,10 +101,14 @@ def test_policy_then_critic_backward_casts_one_model_at_a_time_under_bf16_weight
     trainable = PolicyAndCritic(models.policy, models.critic)
     experience = perturbed_experience(models, trainable, config)
     weights = Bf16Weights(trainable)
-    seen = []
-    hook = lambda module, args: seen.append((module is trainable.policy.transformer, {p.dtype for p in trainable.policy.parameters()}, {p.dtype for p in trainable.critic.parameters()}))  # noqa: E731
-    handles = [trainable.policy.transformer.wte.register_forward_pre_hook(lambda m, a: hook(trainable.policy.transformer, a)),
-               trainable.critic.transformer.wte.register_forward_pre_hook(lambda m, a: hook(trainable.critic.transformer, a))]
+    seen = []  # at each model's embedding lookup: which model, and the dtypes the policy and the critic hold
+
+    def record(name):
+        dtypes = lambda model: {p.dtype for p in model.parameters()}  # noqa: E731
+        return lambda module, args: seen.append((name, dtypes(trainable.policy), dtypes(trainable.critic)))
+
+    handles = [trainable.policy.transformer.wte.register_forward_pre_hook(record("policy")),
+               trainable.critic.transformer.wte.register_forward_pre_hook(record("critic"))]
     AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state: this test's precision is bf16
     try:
         stats = policy_then_critic_backward(trainable, experience, config, 1.0, Accelerator(cpu=True, mixed_precision="bf16"), weights)
@@ -112,7 +116,7 @@ def test_policy_then_critic_backward_casts_one_model_at_a_time_under_bf16_weight
         for handle in handles:
             handle.remove()
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert seen == [(True, {torch.bfloat16}, {torch.float32}), (False, {torch.float32}, {torch.bfloat16})]
+    assert seen == [("policy", {torch.bfloat16}, {torch.float32}), ("critic", {torch.float32}, {torch.bfloat16})]
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.bfloat16 for p in trainable.parameters())
     assert torch.isfinite(stats["ppo/loss/total"]) and stats["ppo/loss/total"].dtype == torch.float32
     trainable.zero_grad(set_to_none=True)
