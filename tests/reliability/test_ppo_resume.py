@@ -91,8 +91,14 @@ def launch(processes: int = 1) -> list[str]:
 
 
 def run_ppo(workspace: Path, processes: int = 1) -> str:
-    """The stage as dvc.yaml runs it; returns its stdout."""
-    done = subprocess.run(launch(processes), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
+    """The stage as dvc.yaml runs it; returns its stdout. A run past the timeout fails with the last stage events
+    it printed (which step and event it reached) and its stderr, so a hang says where it stopped."""
+    try:
+        done = subprocess.run(launch(processes), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as hung:
+        stdout, stderr = ((stream or b"").decode(errors="replace") for stream in (hung.stdout, hung.stderr))  # bytes even with text=True
+        events = [line[:300] for line in stdout.splitlines() if line.startswith("@rlhf")]
+        pytest.fail(f"{processes}-process ppo stage still running after 300 s; last events:\n" + "\n".join(events[-6:]) + "\nstderr:\n" + stderr[-3000:])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
