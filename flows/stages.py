@@ -1,7 +1,7 @@
 """The Prefect task that runs one DVC stage: DVC decides (and caches), Prefect shows.
 
 The stage runs as ``dvc repro --single-item STAGE`` in a subprocess (the flow never holds a model). Its output
-streams into the task's log line by line; ``@rlhf`` progress lines (rlhf/stage.py) become a live progress
+streams into the task's log line by line; ``@rlhf`` progress lines (tasks/stage_io.py) become a live progress
 artifact (PPO: key ``ppo-progress``); afterwards the stage's metrics become a table artifact (key
 ``stage-metrics``) and the evaluation a markdown artifact (key ``evaluation``). A stage DVC skips as unchanged
 finishes in a COMPLETED state named ``Cached``.
@@ -26,14 +26,14 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.states import Completed
 
 from rlhf.cli import stage_environment as cli_stage_environment
-from rlhf.stage import PROGRESS_PREFIX
+from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, PROGRESS_PREFIX
 
 SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
 METRICS_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY, EVALUATION_ARTIFACT_KEY = "stage-metrics", "ppo-progress", "evaluation"
 PPO_PROGRESS_FIELDS = ("step", "total", "objective/scores", "objective/kl", "objective/kl_coef", "eps")
 
 
-NO_RETRY_EXIT_CODES = frozenset({2, 3})  # rlhf.stage.fail (bad input) and rlhf.guards.EXIT_DIVERGED: a rerun fails the same way
+NO_RETRY_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_DIVERGED})  # a rerun would fail the same way
 
 
 class StageFailed(RuntimeError):

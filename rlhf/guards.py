@@ -10,9 +10,6 @@ import math
 
 import torch
 
-EXIT_DIVERGED = 3  # exit status of a stage stopped by this guard (input errors exit 2); retrying cannot help
-
-
 class NonFiniteError(RuntimeError):
     """Training produced NaN/inf; the message names the stage, step, quantity and a fix."""
 

@@ -60,7 +60,6 @@ from rlhf.modeling import (
     position_ids_from_mask,
     value_head_for,
 )
-from rlhf.stage import release_free_heap, tune_malloc_for_training
 from rlhf.rollout import Experience, generate_responses, pad_responses, response_logprobs, response_values, reward_scores
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,7 +634,6 @@ class PreparedTraining:
 
 def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelerator) -> PreparedTraining:
     """Wrap the trainable module and its optimiser for the launch profile; place (and under bf16, cast) frozen models."""
-    tune_malloc_for_training()
     trainable = trainable_module(models)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         trainable.lean = False  # FSDP gathers weights in per-block hooks that the lean forward would bypass
@@ -933,6 +931,7 @@ def train_ppo(
     prepared: PreparedTraining | None = None,
     on_iteration: Callable[[int, Accelerator, PreparedTraining], None] | None = None,
     resume: ResumeCheckpoints | None = None,
+    after_iteration: Callable[[], object] = lambda: None,
 ) -> list[dict]:
     """Train the policy and value model in place; returns the per-iteration metric history (the same on every rank).
 
@@ -1003,7 +1002,7 @@ def train_ppo(
         record["lr"] = optimizer.param_groups[0]["lr"]
         record.update(reduce_means({name: torch.stack(values).mean() for name, values in step_stats.items()}, accelerator))
         check_update(record, trainable, iteration + 1, config, accelerator)
-        release_free_heap()  # between iterations: the rollout's and the last step's freed memory
+        after_iteration()  # e.g. hand freed heap back to the OS (tasks/stage_io.release_free_heap)
         timings["timing/iteration"] = time.perf_counter() - started
         record.update(timings)
         record["eps"] = config.rollout_batch_size / timings["timing/iteration"]

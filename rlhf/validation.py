@@ -1,4 +1,4 @@
-"""Up-front input checks of the stage programs, and the one-line refusal that names the file and the fix.
+"""Up-front input checks of the stage programs, and the fix hint of the one-line refusal (tasks/stage_io.py).
 
 Each stage's ``main()`` starts with a block like::
 
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.data import DataError, Row, read_jsonl
-from rlhf.stage import fail
 
 # Which stage writes each input: the fix for a damaged or missing generated input is to rebuild it.
 PRODUCERS = {
@@ -65,23 +64,6 @@ def with_fix(message: str) -> str:
         return message
     end = "" if message.endswith((".", "?", "!")) else "."
     return f"{message}{end} {fix_hint(message)}"
-
-
-class _RefuseBadInput:
-    """Context manager of :func:`refuse_bad_input` (a class, so type checkers see it never swallows an error)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
-        # ConfigError and DataError are ValueErrors; OSError covers unreadable files and folders transformers rejects
-        if isinstance(error, (ValueError, OSError)):
-            fail(with_fix(str(error)))
-
-
-def refuse_bad_input() -> _RefuseBadInput:
-    """``with refuse_bad_input(): ...``: a bad-input error raised inside becomes one ``error:`` line with a fix, exit 2."""
-    return _RefuseBadInput()
 
 
 # ------------------------------------------------------------------------------------------------------- records

@@ -18,8 +18,8 @@ from rlhf import data
 from rlhf.config import load_params
 from rlhf.evaluation import checkpoint_summary, compare_policies, sample_and_score, samples_table
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
-from rlhf.stage import emit
-from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records, refuse_bad_input
+from tasks.stage_io import emit, refuse_bad_input
+from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
 
 POLICY, SFT_MODEL, REWARD_MODEL = Path("models/policy"), Path("models/sft"), Path("models/reward")
 PROMPTS, METRICS, TABLE = Path("data/prompts/eval.jsonl"), Path("metrics/evaluate.json"), Path("metrics/samples.md")

@@ -19,8 +19,8 @@ from pathlib import Path
 from rlhf import annotators, data
 from rlhf.config import LabelConfig, load_params
 from rlhf.data import DataError
-from rlhf.stage import emit
-from rlhf.validation import finite_scores, load_judge, read_records, refuse_bad_input
+from tasks.stage_io import emit, refuse_bad_input
+from rlhf.validation import finite_scores, load_judge, read_records
 
 SAMPLES, OUT_DIR = Path("data/pairs/samples.jsonl"), Path("data/preferences")
 METRICS = Path("metrics/label.json")

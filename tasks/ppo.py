@@ -29,12 +29,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf import data
 from rlhf.checkpoint import config_part
 from rlhf.config import ConfigError, PPOConfig, load_params
-from rlhf.guards import EXIT_DIVERGED, NonFiniteError
+from rlhf.guards import NonFiniteError
 from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
 from rlhf.modeling import merge_lora
 from rlhf.ppo_trainer import PreparedTraining, ResumeCheckpoints, export_policy, load_ppo_models, make_accelerator, prepare_training, train_ppo
-from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
-from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records, refuse_bad_input
+from rlhf.files import replace_folder, staging_folder
+from tasks.stage_io import release_free_heap, tune_malloc_for_training, EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
+from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
 
 SFT_MODEL, REWARD_MODEL, PROMPTS = Path("models/sft"), Path("models/reward"), Path("data/prompts/train.jsonl")
 OUT_DIR, METRICS, HISTORY = Path("models/policy"), Path("metrics/ppo.json"), Path("plots/ppo.csv")
@@ -144,6 +145,7 @@ def main() -> None:
         config.derived(accelerator.num_processes)
     except ConfigError as error:
         fail(str(error))
+    tune_malloc_for_training()
     set_seed(params.seed + 4)
     models = load_ppo_models(config, SFT_MODEL, REWARD_MODEL)
     prepared = prepare_training(models, config, accelerator)
@@ -161,7 +163,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     resume.extras = lambda: {"policy_snapshots": list(snapshots.written)}
     try:
-        history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared, snapshots, resume)
+        history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared, snapshots, resume, release_free_heap)
     except NonFiniteError as error:
         fail(f"{error}; {resume.kept()}", code=EXIT_DIVERGED)
     policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP

@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM
 from rlhf import data, embedded
 from rlhf.config import load_params
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
-from rlhf.stage import emit, replace_folder, staging_folder
-from rlhf.validation import check_tokenizer_fits_model, refuse_bad_input
+from rlhf.files import replace_folder, staging_folder
+from tasks.stage_io import emit, refuse_bad_input
+from rlhf.validation import check_tokenizer_fits_model
 
 SFT_DIR, PROMPTS_DIR, BASE_DIR = Path("data/sft"), Path("data/prompts"), Path("models/base")
 METRICS = Path("metrics/prepare.json")

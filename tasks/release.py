@@ -11,8 +11,9 @@ from pathlib import Path
 
 from rlhf.card import build_model_card, lineage_from_lock, read_csv
 from rlhf.config import as_dict, load_params
-from rlhf.stage import emit, replace_folder, staging_folder
-from rlhf.validation import check_model_dir, read_json_object, refuse_bad_input
+from rlhf.files import replace_folder, staging_folder
+from tasks.stage_io import emit, refuse_bad_input
+from rlhf.validation import check_model_dir, read_json_object
 
 POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
 UPSTREAM = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate"]

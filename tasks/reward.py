@@ -11,11 +11,12 @@ from pathlib import Path
 from rlhf import data
 from rlhf.checkpoint import Checkpointer, config_part
 from rlhf.config import load_params
-from rlhf.guards import EXIT_DIVERGED, NonFiniteError
+from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
-from rlhf.stage import emit, fail, progress_logger, replace_folder, staging_folder
+from rlhf.files import replace_folder, staging_folder
+from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 from rlhf.training import raw_scores, train_reward_model
-from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records, refuse_bad_input
+from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 
 SFT_MODEL, PREFS, SAMPLES, OUT_DIR = Path("models/sft"), Path("data/preferences"), Path("data/pairs/samples.jsonl"), Path("models/reward")
 METRICS = Path("metrics/reward.json")

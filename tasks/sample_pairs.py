@@ -13,8 +13,8 @@ from rlhf import data, ppo
 from rlhf.config import load_params
 from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
 from rlhf.rollout import generate_responses
-from rlhf.stage import emit
-from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records, refuse_bad_input
+from tasks.stage_io import emit, refuse_bad_input
+from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 
 SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs/samples.jsonl")
 METRICS = Path("metrics/sample_pairs.json")

@@ -29,7 +29,7 @@ import yaml
 
 from support import git_env, write_params
 from rlhf import data
-from rlhf.stage import PROGRESS_PREFIX
+from tasks.stage_io import PROGRESS_PREFIX
 
 LAUNCHER_ERROR = "subprocess.CalledProcessError"  # `accelerate launch` (without --quiet) re-raises its child's exit code
 
@@ -68,7 +68,7 @@ def run_stage_process(stage: str, workspace: Path) -> subprocess.CompletedProces
 
 
 def stage_events(stdout: str) -> set[str]:
-    """The events of the stage's ``@rlhf`` records (rlhf/stage.py)."""
+    """The events of the stage's ``@rlhf`` records (tasks/stage_io.py)."""
     lines = [line[len(PROGRESS_PREFIX):] for line in stdout.splitlines() if line.startswith(PROGRESS_PREFIX)]
     return {json.loads(line).get("event") for line in lines}
 
