@@ -1,4 +1,4 @@
-"""Peak memory and throughput of PPO's memory options on a GPT-2 of ≥ 20 M parameters (README "Scaling PPO").
+"""Peak memory and throughput of PPO's memory options on a GPT-2 of ≥ 20 M parameters (docs/performance.md).
 
     python bench/memory_table.py                                          # CPU: peak RSS, episodes/s
     python bench/memory_table.py --device cuda --mixed-precision bf16     # GPU: peak GPU memory too
@@ -63,7 +63,9 @@ def run_configuration(folder: Path, options: dict, args: argparse.Namespace) -> 
     from accelerate import Accelerator
 
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models, prepare_training, train_ppo
+    from rlhf.ppo_trainer.loop import train_ppo
+    from rlhf.ppo_trainer.models import load_ppo_models
+    from rlhf.ppo_trainer.optimise import prepare_training
 
     baseline = peak_rss_mib()  # interpreter + torch + transformers
     config = PPOConfig(iterations=args.iterations, rollout_batch_size=args.episodes, num_minibatches=1, ppo_epochs=1,

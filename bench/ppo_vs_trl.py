@@ -1,4 +1,4 @@
-"""Our PPO stage loop against TRL 1.12's PPOTrainer, side by side on identical settings (README "Performance").
+"""Our PPO stage loop against TRL 1.12's PPOTrainer, side by side on identical settings (docs/performance.md).
 
     pip install -c constraints.txt -e ".[bench]"        # trl==1.12.0, the last TRL with a PPO trainer
     python bench/ppo_vs_trl.py                          # both sizes on the CPU, ≈ 10 minutes on 2 cores
@@ -9,9 +9,9 @@ separate critic: TRL's architecture), the same prompts, batch, response length (
 unless a row samples EOS, as in TRL with ``stop_token="eos"``), PPO epochs, minibatches, learning rate, clip ranges,
 fixed KL coefficient and k1 estimator, one process, torch's default threads. Four implementations:
 
-- ``ours``: :func:`rlhf.ppo_trainer.train_ppo`, the loop of the ``ppo`` stage, fp32;
+- ``ours``: :func:`rlhf.ppo_trainer.loop.train_ppo`, the loop of the ``ppo`` stage, fp32;
 - ``ours_bf16``: the same with ``ppo.mixed_precision: bf16`` (bf16 weights and activations in the PPO epochs with
-  fp32 master weights and optimiser state, ``rlhf.ppo_trainer.Bf16Weights``; frozen models in bf16; sampling in
+  fp32 master weights and optimiser state, ``rlhf.ppo_trainer.memory.Bf16Weights``; frozen models in bf16; sampling in
   bf16 from width 256, fp32 below, where oneDNN's small bf16 GEMMs cost more than MKL's fp32 ones);
 - ``trl``: TRL 1.12's ``PPOTrainer.train()`` with its shipped defaults (``bf16=True`` mixed precision, which
   accelerate applies on GPUs; on this CPU it runs fp32);
@@ -148,7 +148,9 @@ def run_ours(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
     from accelerate import Accelerator
 
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models, prepare_training, train_ppo
+    from rlhf.ppo_trainer.loop import train_ppo
+    from rlhf.ppo_trainer.models import load_ppo_models
+    from rlhf.ppo_trainer.optimise import prepare_training
 
     config = PPOConfig(
         iterations=args.warmup + args.iterations, rollout_batch_size=args.batch, num_minibatches=args.minibatches,

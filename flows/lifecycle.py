@@ -3,7 +3,7 @@
     rlhf run        # against PREFECT_API_URL when set, else an ephemeral local Prefect server
 
 A failing stage fails its task and the flow; later stages do not run. A second run started on the same workspace
-while one is in progress fails at once (or waits, `wait_for_lock_s`): see rlhf/lock.py. The ppo task is retried once
+while one is in progress fails at once (or waits, `wait_for_lock_s`): see pipeline/lock.py. The ppo task is retried once
 when its process crashes (killed, preempted, out of memory): the retry resumes from the last resume checkpoint
 (`ppo.resume_every`), not from iteration 0; a stage that stopped on bad input or divergence is not retried.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.labeling import collect_human_labels
-from flows.stages import StageOutcome, run_stage, stage_order
+from flows.stages import StageOutcome, run_stage
+from pipeline.lock import workspace_lock
+from pipeline.workspace import stage_names
 from rlhf.config import load_params
-from rlhf.lock import workspace_lock
 
 # Retries per stage. ppo resumes from its resume checkpoint, so a retry costs at most ppo.resume_every iterations;
 # sft and reward resume too but are short; the others restart, and a human-labelled run must not repeat silently.
@@ -45,7 +46,7 @@ def lifecycle(
     """Run the pipeline; returns each stage's metrics (and whether DVC skipped it).
 
     With `label.annotator: human` the flow pauses before the label stage for people to label pairs in the UI.
-    One run per workspace (rlhf/lock.py): if another run holds the lock, the flow fails at once naming the holder,
+    One run per workspace (pipeline/lock.py): if another run holds the lock, the flow fails at once naming the holder,
     or after waiting ``wait_for_lock_s`` seconds for it. ``stage_retries``: retries per stage name (default
     :data:`STAGE_RETRIES`, ppo 1; unnamed stages 0).
     """
@@ -62,7 +63,7 @@ def run_stages(repo: str, stage_timeout_s: float | None, label_batch_size: int, 
     """Every stage as a task, in order (the caller holds the workspace lock)."""
     logger = get_run_logger()
     results: dict[str, dict] = {}
-    for stage in stage_order(repo):
+    for stage in stage_names(repo):
         if stage == "label" and load_params(Path(repo, "params.yaml")).label.annotator == "human":
             labelling = collect_human_labels(repo, batch_size=label_batch_size, n_batches=label_batches, timeout_s=label_timeout_s)
             logger.info("human labels: %d new, %d skipped (%s)", labelling["labelled"], labelling["skipped"], labelling["labels_file"])

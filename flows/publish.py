@@ -1,4 +1,4 @@
-"""The Prefect task that publishes `models/release/` to the Hub (rlhf/hub.py does the work).
+"""The Prefect task that publishes `models/release/` to the Hub (pipeline/hub.py does the work).
 
 The token comes from ``HF_TOKEN`` or, failing that, the Prefect Secret block ``secret_block`` (default
 ``hf-token``; create it with ``Secret(value=...).save("hf-token")``). It is handed to the client only: never a
@@ -16,7 +16,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from rlhf.hub import PublishResult, publish_release
+from pipeline.hub import PublishResult, publish_release
+from pipeline.lineage import LOCK_FILE
 
 PUBLISH_ARTIFACT_KEY = "publish"
 DEFAULT_SECRET_BLOCK = "hf-token"
@@ -46,7 +47,7 @@ def publish_task(repo_dir: str, repo_id: str, private: bool = True, force: bool 
         logger.warning("no HF_TOKEN and no Secret block %r: publishing anonymously", secret_block)
     result: PublishResult = publish_release(Path(repo_dir, "models/release"), repo_id, token=token, private=private,
                                             gate_metrics=metrics, gate=(metric, min_value), force=force,
-                                            lock_path=Path(repo_dir, "dvc.lock"))
+                                            lock_path=Path(repo_dir, LOCK_FILE))
     logger.info("published %s: commit %s, tag %s", repo_id, result.commit_oid, result.tag)
     create_markdown_artifact(
         key=PUBLISH_ARTIFACT_KEY,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,8 +20,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lifecycle import lifecycle
 from flows.publish import publish_task
-from flows.stages import stage_environment
-from rlhf.lock import workspace_lock
+from pipeline.lineage import LOCK_FILE, git_commit
+from pipeline.lock import workspace_lock
+from pipeline.workspace import out_of_date_stages
+from rlhf.files import replace_folder, staging_folder, write_json
 
 PROMOTED_DIR = Path(".rlhf/promoted")  # the promoted release and its record (outside DVC: a decision, not an output)
 DECISION_ARTIFACT_KEY = "retrain-decision"
@@ -32,9 +32,7 @@ DECISION_ARTIFACT_KEY = "retrain-decision"
 @task(retries=2, retry_delay_seconds=5)  # a read-only query: safe to repeat
 def changed_stages(repo_dir: str) -> list[str]:
     """Stages DVC considers out of date (changed deps, params or missing outputs)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo_dir, env=stage_environment(), capture_output=True, text=True, check=True)
-    status = json.loads(result.stdout or "{}")
-    return sorted(name.split(":")[-1] for name in status)
+    return out_of_date_stages(repo_dir)
 
 
 def read_record(repo_dir: str) -> dict | None:
@@ -58,14 +56,12 @@ def gate(new_metrics: dict, promoted: dict | None, metric: str, margin: float) -
 def promote(repo_dir: str, metrics: dict) -> dict:
     """Copy models/release into the promoted slot with a record of where it came from."""
     target = Path(repo_dir, PROMOTED_DIR)
-    staging = target.with_name("promoted.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(target)
     shutil.copytree(Path(repo_dir, "models/release"), staging / "release")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True).stdout.strip() or "unknown"
-    record = {"metrics": metrics, "git_commit": commit, "promoted_at": datetime.now(timezone.utc).isoformat(), "dvc_lock": Path(repo_dir, "dvc.lock").read_text()}
-    (staging / "record.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    record = {"metrics": metrics, "git_commit": git_commit(repo_dir), "promoted_at": datetime.now(timezone.utc).isoformat(),
+              "dvc_lock": Path(repo_dir, LOCK_FILE).read_text()}
+    write_json(staging / "record.json", record)
+    replace_folder(staging, target)
     return record
 
 
@@ -77,7 +73,7 @@ def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 
 
     ``publish_repo_id`` empty means don't publish; otherwise a promoted release is uploaded to that Hub repo if its
     ``metric`` is at least ``publish_min_value`` (token: HF_TOKEN or the Prefect Secret block `hf-token`).
-    The whole run (status check, lifecycle, promotion, publishing) holds the workspace lock (rlhf/lock.py): it fails
+    The whole run (status check, lifecycle, promotion, publishing) holds the workspace lock (pipeline/lock.py): it fails
     at once if another run holds it, or after waiting ``wait_for_lock_s`` seconds.
     """
     repo = str(Path(repo_dir).resolve())

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.states import Completed
 
-from rlhf.cli import stage_environment as cli_stage_environment
+from pipeline.workspace import dvc_command, stage_environment, stage_metrics_files
 from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, PROGRESS_PREFIX
 
 SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
@@ -55,25 +53,6 @@ def retry_on_crash(task, task_run, state) -> bool:
     purpose (:data:`NO_RETRY_EXIT_CODES`) nor one that timed out (its process may still be running)."""
     error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     return isinstance(error, StageFailed) and error.exit_code not in NO_RETRY_EXIT_CODES
-
-
-def stage_order(repo_dir: str | Path) -> list[str]:
-    """Stage names in dvc.yaml order (which is a topological order of the DAG)."""
-    return list((yaml.safe_load(Path(repo_dir, "dvc.yaml").read_text()) or {}).get("stages", {}))
-
-
-def stage_metrics_files(repo_dir: str | Path, stage: str) -> list[Path]:
-    """The JSON metrics files a stage declares in dvc.yaml."""
-    spec = yaml.safe_load(Path(repo_dir, "dvc.yaml").read_text())["stages"][stage]
-    files = []
-    for entry in spec.get("metrics", []):
-        files += list(entry) if isinstance(entry, dict) else [entry]
-    return [Path(repo_dir, name) for name in files]
-
-
-def stage_environment() -> dict[str, str]:
-    """The CLI's stage environment, unbuffered so stage output streams into the task log line by line."""
-    return {**cli_stage_environment(), "PYTHONUNBUFFERED": "1"}
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, object]:
@@ -126,10 +105,10 @@ def publish_stage_artifacts(repo_dir: str | Path, stage: str, metrics: dict[str,
 
 def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple[int, bool, str]:
     """Run ``dvc repro --single-item STAGE``, streaming lines; returns (exit code, skipped, output tail)."""
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    command = dvc_command("repro", "--single-item", stage)
     tail: deque[str] = deque(maxlen=40)
     skipped = False
-    with subprocess.Popen(command, cwd=repo_dir, env=stage_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    with subprocess.Popen(command, cwd=repo_dir, env=stage_environment(unbuffered=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.rstrip()

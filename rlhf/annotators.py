@@ -1,9 +1,9 @@
 """Preference annotators: who decides which of two responses is better.
 
 The default "human" is simulated: a hidden gold judge plus Bradley–Terry noise, calibrated so a τ = 1
-annotator agrees with the noiseless gold on ~85 % of pairs of sampled reviews (DESIGN.md §6). The gold judge is
-pluggable as ``"module:callable"`` so users can bring their own; the label stage handles the "dataset" and
-"human" annotator kinds itself.
+annotator agrees with the noiseless gold on ~85 % of pairs of sampled reviews (docs/design.md §5). The gold judge is
+pluggable as ``"module:callable"`` so users can bring their own. The label stage's other sources of preferences
+(imported datasets, human labels) need no annotator and live in the stage program.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 
 GoldFn = Callable[[str, str], float]  # (prompt, response) -> gold score, higher is better
-
-SUPPORTED_KINDS = ("simulated",)
 
 
 def load_callable(spec: str) -> Callable:
@@ -135,8 +133,6 @@ def label_pairs(rows: list[dict], annotator: SimulatedAnnotator, annotator_id: s
     return preferences, stats
 
 
-def make_annotator(kind: str, gold_spec: str, temperature: float, flip_prob: float, seed: int) -> SimulatedAnnotator:
-    """Build the annotator named in params; ``gold_spec`` is ``"module:callable"`` (prompt, response) → score."""
-    if kind != "simulated":
-        raise ValueError(f"unknown annotator kind {kind!r}; supported here: {', '.join(SUPPORTED_KINDS)}")
+def make_annotator(gold_spec: str, temperature: float, flip_prob: float, seed: int) -> SimulatedAnnotator:
+    """The simulated annotator of params; ``gold_spec`` is ``"module:callable"`` (prompt, response) → score."""
     return SimulatedAnnotator(load_callable(gold_spec), temperature=temperature, flip_prob=flip_prob, seed=seed)

@@ -1,10 +1,10 @@
-"""The release folder's model card: metadata, metrics, training parameters and lineage (all read from files)."""
+"""The release folder's model card: metadata, metrics, training parameters and lineage, all given as data.
+
+The release stage (tasks/release.py) reads the metrics files, and the lineage from dvc.lock (pipeline/lineage.py).
+"""
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -16,25 +16,6 @@ MODEL_INDEX_METRICS = (
     "rm_win_rate", "rm_score_policy", "rm_score_sft", "kl_to_ref", "valid_rate_policy", "valid_rate_sft",
     "response_length_policy", "distinct_1_policy", "distinct_2_policy", "repetition_rate_policy",
 )
-
-
-def lineage_from_lock(lock_path: Path, stages: list[str]) -> dict[str, dict[str, dict[str, str]]]:
-    """Per stage: ``{"deps": {path: md5}, "outs": {path: md5}}`` as recorded in dvc.lock (empty without one)."""
-    if not lock_path.exists():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    lineage: dict[str, dict[str, dict[str, str]]] = {}
-    for stage in stages:
-        entry = lock.get("stages", {}).get(stage, {})
-        lineage[stage] = {kind: {item["path"]: item.get("md5", "") for item in entry.get(kind, [])} for kind in ("deps", "outs")}
-    return lineage
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
 
 
 def _fmt(value: Any) -> str:
@@ -158,7 +139,3 @@ def build_model_card(
         "- Evaluation samples a few hundred held-out responses: read win rates with their bootstrap intervals.",
     ]
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -19,15 +19,10 @@ the current one; otherwise it is discarded with a logged reason and training sta
 Everything saved is plain data (tensors, dicts, lists, tuples, ints, floats, bools, None, strings), so it loads with
 ``torch.load(weights_only=True)``: NumPy's RNG keys are stored as a tensor, not an ndarray, for that reason.
 
-Multi-process use (PPO under accelerate), per checkpoint step N::
-
-    save_rank_rng(folder, N, rank, generators)          # every rank: its own RNG file into tmp-step-N/
-    accelerator.wait_for_everyone()
-    if main: save_checkpoint(folder, N, state, fp, ranks=world_size)   # models/optimisers: main process only
-    accelerator.wait_for_everyone()
-
-and on start ``load_latest(folder, fp, discard=is_main)`` on every rank, then ``load_rank_rng(folder, step, rank,
-generators)`` restores that rank's own streams. The folder must be on a filesystem all ranks see (one machine: yes).
+One class drives it for every loop, :class:`ResumeCheckpoints` (open on start, save every N steps, clear at the end).
+With several processes (PPO under accelerate) it takes a :class:`Processes`: every rank then writes its own RNG file
+``step-N/rng-rank<r>.pt`` and reads it back on resume, while the main process alone writes ``state.pt``. The folder
+must be on a filesystem all ranks see (one machine: yes).
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -48,14 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf.files import fsync_folder, path_digest, write_atomic, write_json
+
 CHECKPOINT_ROOT = Path(".rlhf/checkpoints")
 FORMAT = 1  # bump when the layout or state content changes: older checkpoints then stop matching
 LATEST = "latest.json"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-Log = Callable[[str], None]
 
 
 class CheckpointError(RuntimeError):
@@ -68,25 +62,6 @@ def checkpoint_folder(stage: str, root: Path = CHECKPOINT_ROOT) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
-
-
-def path_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (sorted relative paths and contents); "missing" if absent."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-    else:
-        return "missing"
-    for name, file in files:
-        digest.update(name.encode() + b"\0")
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def _canonical(part: Any) -> Any:
@@ -104,7 +79,7 @@ def _canonical(part: Any) -> Any:
     raise TypeError(f"fingerprint: cannot hash a {type(part).__name__}; pass a dataclass, dict, Path or plain value")
 
 
-def config_part(config: Any, ignore: tuple[str, ...] = ("checkpoint_every",)) -> dict[str, Any]:
+def config_part(config: Any, ignore: tuple[str, ...] = ("resume_every",)) -> dict[str, Any]:
     """A config dataclass as a dict without the fields that cannot change the result (how often to checkpoint)."""
     return {key: value for key, value in dataclasses.asdict(config).items() if key not in ignore}
 
@@ -114,7 +89,7 @@ def fingerprint(*parts: Any) -> str:
 
     Parts may be config dataclasses or dicts (hashed as sorted JSON), plain values (the seed) and ``Path`` objects,
     which are replaced by the sha256 of the file or folder contents (so a re-created but identical input matches).
-    e.g. ``fingerprint(config_without_checkpoint_every, seed, Path("data/sft"), Path("models/base"))``.
+    e.g. ``fingerprint(config_without_resume_every, seed, Path("data/sft"), Path("models/base"))``.
     """
     payload = json.dumps([FORMAT, *(_canonical(p) for p in parts)], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -160,34 +135,7 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
         generator.set_state(state["generators"][key])
 
 
-# ---------------------------------------------------------------------------------------------------- file system
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename/creation inside ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` via ``write(binary_handle)`` into a temp sibling, fsync, then ``os.replace`` it into place."""
-    temp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with temp.open("wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    _write_atomic(path, lambda handle: handle.write(json.dumps(record, sort_keys=True).encode()))
+# ---------------------------------------------------------------------------------------------------- save / load
 
 
 def staging_dir(folder: Path, step: int) -> Path:
@@ -203,19 +151,14 @@ def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# ---------------------------------------------------------------------------------------------------- save / load
-
-
 def save_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None) -> Path:
     """Every process: write its own RNG state (:func:`capture_rng`) to ``tmp-step-N/rng-rank<r>.pt``.
 
     Call before the barrier that precedes the main process's :func:`save_checkpoint` (with ``ranks=world_size``).
     """
-    staging = staging_dir(Path(folder), step)
-    staging.mkdir(parents=True, exist_ok=True)
-    path = staging / f"rng-rank{rank}.pt"
+    path = staging_dir(Path(folder), step) / f"rng-rank{rank}.pt"
     rng = capture_rng(generators)
-    _write_atomic(path, lambda handle: torch.save(rng, handle))
+    write_atomic(path, lambda handle: torch.save(rng, handle))  # creates the staging folder
     return path
 
 
@@ -245,15 +188,15 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], finger
     missing = [r for r in range(ranks) if not (staging / f"rng-rank{r}.pt").is_file()]
     if missing:
         raise CheckpointError(f"{staging}: RNG files of ranks {missing} are missing; call save_rank_rng on every rank before a barrier")
-    _write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle))
+    write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle))
     meta = {"step": step, "fingerprint": fingerprint, "ranks": ranks, "format": FORMAT, "time": round(time.time(), 3)}
-    _write_json_atomic(staging / META_FILE, meta)
+    write_json(staging / META_FILE, meta, indent=None)
     final = folder / f"step-{step}"
     if final.exists():  # a complete save of this step that latest.json never pointed to (killed in between)
         shutil.rmtree(final)
     staging.rename(final)
-    _fsync_dir(folder)
-    _write_json_atomic(folder / LATEST, {"step": step, "dir": final.name, "fingerprint": fingerprint})
+    fsync_folder(folder)
+    write_json(folder / LATEST, {"step": step, "dir": final.name, "fingerprint": fingerprint}, indent=None)
     _prune(folder, keep=max(1, keep), newest=step)
     return final
 
@@ -267,10 +210,10 @@ def _prune(folder: Path, keep: int, newest: int) -> None:
         temp_step = re.match(r"^tmp-step-(\d+)$", path.name)
         if temp_step and int(temp_step.group(1)) <= newest:
             shutil.rmtree(path, ignore_errors=True)
-        elif re.match(r"^latest\.json\.tmp\d+$", path.name):
+        elif re.match(r"^\.latest\.json\.[0-9a-f]+\.tmp$", path.name):  # rlhf.files.write_atomic's temp file
             path.unlink(missing_ok=True)
     complete = [(step, path) for step, path in _step_dirs(folder) if step <= newest]
-    for step, path in complete[:-keep]:
+    for _, path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     for step, path in _step_dirs(folder):  # newer than the one just written: from another run, never pointed to
         if step > newest:
@@ -295,7 +238,7 @@ def _latest_dir(folder: Path) -> Path | None:
 
 
 def load_latest(
-    folder: str | Path, fingerprint: str, *, discard: bool = True, log: Log = print, map_location: str | torch.device = "cpu"
+    folder: str | Path, fingerprint: str, *, discard: bool = True, log: Callable[[str], None] = print, map_location: str | torch.device = "cpu"
 ) -> tuple[int, dict[str, Any]] | None:
     """``(step, state)`` of the newest complete checkpoint made with ``fingerprint``, else None.
 
@@ -336,49 +279,124 @@ def _print_event(event: str, fields: dict) -> None:
     print(f"checkpoint: {event} {json.dumps(fields, default=str)}", flush=True)
 
 
-@dataclass
-class Checkpointer:
-    """What a single-process training loop needs: resume on start, save every ``every`` steps, clear at the end.
+@dataclass(frozen=True)
+class Processes:
+    """The processes that share one checkpoint folder. The default is one process (SFT, the reward model); PPO under
+    accelerate builds one from its Accelerator (:func:`rlhf.ppo_trainer.processes.processes_of`)."""
 
-    ``notify(event, fields)`` reports ``resumed`` {step}, ``checkpoint`` {step, seconds} and ``checkpoint_discarded``
-    {reason}; the stage programs forward these as ``@rlhf`` lines. ``every`` ≤ 0 turns saving off (resume still works).
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None  # returns once every process has called it
+    gather: Callable[[int], list[int]] = lambda value: [value]  # every process's value, on every process
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class ResumeCheckpoints:
+    """What a training loop needs, on one process or several: resume on start, save every ``every`` steps, clear at
+    the end. ``every`` ≤ 0 turns saving off (resume still works).
+
+    Every method is called on every process; the main process alone writes ``state.pt`` and deletes, and only it
+    reports through ``notify(event, fields)``: ``resumed`` {step}, ``checkpoint`` {step, seconds},
+    ``checkpoint_discarded`` {reason} and ``checkpoint_unsupported`` {reason} (the stage programs forward these as
+    ``@rlhf`` lines). ``noun`` and ``unit`` word the sentence of :meth:`kept` ("checkpoint", "step" by default).
     """
 
     folder: Path
     fingerprint: str
     every: int
     notify: Callable[[str, dict], None] = _print_event
+    processes: Processes = field(default_factory=Processes)
     keep: int = 1
+    noun: str = "checkpoint"
+    unit: str = "step"
+    extras: Callable[[], dict] = dict  # the caller's bookkeeping, saved under "extras" by loops that record it (PPO)
+    step: int = field(default=0, init=False)  # the step resumed from (0: a fresh start)
     last_step: int | None = field(default=None, init=False)  # step of the newest checkpoint on disk, if known
+    state: dict[str, Any] | None = field(default=None, init=False, repr=False)  # loaded by open(), handed over by resume()
+    opened: bool = field(default=False, init=False)
 
     @classmethod
-    def for_stage(cls, stage: str, every: int, *parts: Any, notify: Callable[[str, dict], None] = _print_event) -> Checkpointer:
-        """The checkpointer of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts`` (see :func:`fingerprint`)."""
-        return cls(checkpoint_folder(stage), fingerprint(*parts), every, notify)
+    def for_stage(cls, stage: str, every: int, *parts: Any, **options: Any) -> ResumeCheckpoints:
+        """The checkpoints of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts`` (see :func:`fingerprint`);
+        ``options``: the other fields (notify, processes, noun, unit …)."""
+        return cls(checkpoint_folder(stage), fingerprint(*parts), every, **options)
+
+    def _report(self, event: str, fields: dict) -> None:
+        if self.processes.main:
+            self.notify(event, fields)
 
     def due(self, step: int, total: int) -> bool:
         """Save after ``step`` completed steps? Never at the last step: the final model is written instead."""
         return self.every > 0 and step % self.every == 0 and 0 < step < total
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        start = time.perf_counter()
-        save_checkpoint(self.folder, step, state, self.fingerprint, keep=self.keep)
-        self.last_step = step
-        self.notify("checkpoint", {"step": step, "seconds": round(time.perf_counter() - start, 4)})
+    def open(self, validate: Callable[[dict], str | None] = lambda extras: None, unsupported: str | None = None) -> dict | None:
+        """Load the newest checkpoint made with this fingerprint; returns its ``extras`` (None: a fresh start, after
+        which the main process empties the folder). ``validate(extras)`` may veto a checkpoint with a reason (files it
+        relies on are gone); ``unsupported``: why this launch cannot checkpoint at all (saving is then off)."""
+        self.opened, found, processes = True, None, self.processes
+        if unsupported:
+            self.every = 0
+            self._report("checkpoint_unsupported", {"reason": unsupported})
+        else:
+            discarded = lambda why: self._report("checkpoint_discarded", {"reason": why})  # noqa: E731
+            found = load_latest(self.folder, self.fingerprint, discard=False, log=discarded)
+            problem = validate(found[1].get("extras", {})) if found else None
+            if problem:
+                discarded(f"{self.folder}: discarding the checkpoint of step {found[0]}: {problem}; training starts from step 0")
+                found = None
+        if processes.world_size > 1:  # every rank read the same files: a disagreement is a bug, not a choice
+            steps = processes.gather(found[0] if found else 0)
+            if len(set(steps)) != 1:
+                raise CheckpointError(f"{self.folder}: the processes found different checkpoints {steps}")
+        processes.barrier()  # nobody reads the folder any more
+        if found is None:
+            if processes.main:
+                clear(self.folder)
+            processes.barrier()
+            return None
+        self.step, self.state, self.last_step = found[0], found[1], found[0]
+        self._report("resumed", {"step": self.step})
+        return found[1].get("extras", {})
 
     def resume(self) -> tuple[int, dict[str, Any]] | None:
-        found = load_latest(self.folder, self.fingerprint, log=lambda reason: self.notify("checkpoint_discarded", {"reason": reason}))
-        if found is not None:
-            self.last_step = found[0]
-            self.notify("resumed", {"step": found[0]})
-        return found
+        """``(step, state)`` of the checkpoint to continue from, None for a fresh start; opens the folder first unless
+        the caller did. The state is handed over once (the manager keeps no reference to it)."""
+        if not self.opened:
+            self.open()
+        state, self.state = self.state, None
+        return (self.step, state) if state is not None else None
+
+    def save(self, step: int, state: dict[str, Any] | Callable[[], dict[str, Any]], generators: Mapping[str, torch.Generator] | None = None) -> None:
+        """The checkpoint after ``step`` (a collective with several processes). ``state``: the main process's state, or
+        a function making it there; with ``generators`` every rank also saves its RNG streams (:func:`capture_rng`) for
+        :meth:`load_rng`, without them the caller keeps its RNG in ``state``."""
+        started, processes = time.perf_counter(), self.processes
+        if generators is not None:
+            save_rank_rng(self.folder, step, processes.rank, generators)
+            processes.barrier()
+        if processes.main:
+            ranks = processes.world_size if generators is not None else 0
+            save_checkpoint(self.folder, step, state() if callable(state) else state, self.fingerprint, ranks=ranks, keep=self.keep)
+        processes.barrier()
+        self.last_step = step
+        self._report("checkpoint", {"step": step, "seconds": round(time.perf_counter() - started, 4)})
+
+    def load_rng(self, generators: Mapping[str, torch.Generator]) -> None:
+        """This process's RNG streams as :meth:`save` saved them with the checkpoint resumed from."""
+        load_rank_rng(self.folder, self.step, self.processes.rank, generators)
 
     def clear(self) -> None:
-        clear(self.folder)
+        """Delete the checkpoints (call once the final outputs are written)."""
+        if self.processes.main:
+            clear(self.folder)
         self.last_step = None
 
     def kept(self) -> str:
         """A sentence for error messages: which checkpoint a rerun would resume from."""
         if self.last_step is None:
-            return "no checkpoint was saved; a rerun starts from step 0"
-        return f"the last good checkpoint (step {self.last_step}) is kept in {self.folder}; a rerun with the same params resumes from it"
+            return f"no {self.noun} was saved; a rerun starts from {self.unit} 0"
+        return f"the last good {self.noun} ({self.unit} {self.last_step}) is kept in {self.folder}; a rerun with the same params resumes from it"

@@ -1,8 +1,11 @@
 """Typed configuration: one dataclass per stage, read from ``params.yaml``.
 
-Each field has a one-line docstring-comment. Unknown keys and wrong types fail with an error naming the file and the
-key, before any stage does work. Derived sizes are computed (and checked for exact division) in one place:
+Each field has a one-line docstring-comment, and params.yaml lists every field with its default (tests/test_params.py).
+Unknown keys and wrong types fail with an error naming the file and the key, before any stage does work; so do renamed
+keys (:data:`RENAMED_KEYS`, naming the new key) and keys changed in a mode where their stage would ignore them
+(:data:`MODE_KEYS`). Derived sizes are computed (and checked for exact division) in one place:
 :meth:`PPOConfig.derived`.
+Each stage's random stream is seeded with :meth:`Params.stage_seed` (frozen offsets, :data:`STAGE_SEED_OFFSETS`).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import posixpath
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,7 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping
     eval_every: int = 500  # steps between held-out loss evaluations
-    checkpoint_every: int = 200  # steps between resume checkpoints in .rlhf/checkpoints/sft (0 = none); not a DVC output
+    resume_every: int = 200  # steps between resume checkpoints in .rlhf/checkpoints/sft (0 = none); not a DVC output
 
 
 @dataclass
@@ -101,12 +106,12 @@ class RewardConfig:
     warmup_steps: int = 50  # linear warm-up
     max_grad_norm: float = 1.0  # gradient-norm clipping
     max_length: int = 64  # prompt + response + EOS tokens; longer pairs are an error
-    checkpoint_every: int = 100  # steps between resume checkpoints in .rlhf/checkpoints/reward (0 = none); not a DVC output
+    resume_every: int = 100  # steps between resume checkpoints in .rlhf/checkpoints/reward (0 = none); not a DVC output
 
 
 @dataclass
 class PPOConfig:
-    """Stage `ppo`: PPO with a per-token KL penalty to the frozen SFT reference (DESIGN §4)."""
+    """Stage `ppo`: PPO with a per-token KL penalty to the frozen SFT reference (docs/design.md §4)."""
 
     iterations: int = 60  # rollout → optimise cycles (× 128 episodes = 7,680 episodes)
     rollout_batch_size: int = 128  # episodes per iteration, over all processes
@@ -132,7 +137,7 @@ class PPOConfig:
     kl_horizon: int = 10000  # adaptive: horizon in episodes
     missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
-    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; README "Scaling PPO")
+    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; docs/design.md §6)
     num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
     mixed_precision: str = "no"  # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
     sampling_seeds: str = "per_rank"  # "per_rank": generate() seeded seed·1000+rank; "per_episode": the same episodes for any process count
@@ -142,7 +147,7 @@ class PPOConfig:
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
     rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
-    checkpoint_every: int = 0  # save the policy every N iterations to models/policy_checkpoints/step-N (0 = only the final one)
+    snapshot_every: int = 15  # policy snapshot every N iterations, models/policy_checkpoints/step-N (0 = the final only)
     resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output
 
     def __post_init__(self) -> None:
@@ -151,8 +156,9 @@ class PPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        if self.num_processes < 1 or self.lora_rank < 0 or self.checkpoint_every < 0:
-            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and ppo.checkpoint_every ≥ 0")
+        if self.num_processes < 1 or self.lora_rank < 0 or self.snapshot_every < 0:
+            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and "
+                              "ppo.snapshot_every ≥ 0")
 
     def derived(self, world_size: int) -> dict[str, int]:
         """Per-process sizes; every division must be exact.
@@ -177,7 +183,7 @@ class EvaluateConfig:
     gold: str = "rlhf.embedded:gold_score"  # `module:callable` gold judge ("" = no gold metrics)
     validity: str = "rlhf.embedded:is_valid"  # `module:callable` (prompt, response) -> bool ("" = only "ended with EOS")
     n_samples_table: int = 12  # rows in the sample table
-    checkpoint_prompts: int = 64  # held-out prompts (the first N) each PPO checkpoint is scored on (over-optimisation curve)
+    snapshot_prompts: int = 64  # held-out prompts (the first N) each PPO policy snapshot is scored on (curve)
     bootstrap_resamples: int = 1000  # percentile-bootstrap resamples for the win-rate intervals (95 %)
     batch_size: int = 256  # prompts per generation batch
 
@@ -191,11 +197,28 @@ class ReleaseConfig:
     language: str = "en"  # card metadata
 
 
+# The seed of each stage's random stream is ``params.seed + STAGE_SEED_OFFSETS[stream]`` (:meth:`Params.stage_seed`).
+# Different offsets give the stages independent streams from the one `seed` (sampling pairs does not replay the draws
+# that initialised SFT, nor PPO those of the reward model). The values are FROZEN: changing one changes that stage's
+# results and everything downstream. prepare and sft share offset 0, and so does the label stage's train/eval split
+# (its annotator noise uses 2): historical values, kept so results stay identical.
+STAGE_SEED_OFFSETS: dict[str, int] = {
+    "prepare": 0,  # the embedded corpus, the real dataset's train/eval split, the embedded base model's initialisation
+    "sft": 0,  # the global RNG and the batch-order generator of SFT
+    "sample_pairs": 1,  # sampling the K responses per prompt
+    "label.annotator": 2,  # the simulated annotator's Bradley–Terry draws and label flips
+    "label.split": 0,  # the by-prompt train/eval split of the preference pairs
+    "reward": 3,  # the global RNG (score-head initialisation) and the batch-order generator of reward training
+    "ppo": 4,  # PPO: global RNG, and the base of its prompt, shuffle and sampling generators (seed·1000 + …)
+    "evaluate": 5,  # sampling the SFT and PPO policies, bootstrap intervals
+}
+
+
 @dataclass
 class Params:
     """All of params.yaml."""
 
-    seed: int = 0  # global seed; each stage derives its own streams from it
+    seed: int = 0  # global seed; each stage derives its own streams from it (STAGE_SEED_OFFSETS)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sample_pairs: SamplePairsConfig = field(default_factory=SamplePairsConfig)
@@ -204,6 +227,12 @@ class Params:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+
+    def stage_seed(self, stream: str) -> int:
+        """The seed of one stage's random stream, e.g. ``params.stage_seed("ppo")`` = seed + 4 (STAGE_SEED_OFFSETS)."""
+        if stream not in STAGE_SEED_OFFSETS:
+            raise KeyError(f"no seed stream {stream!r}; known: {sorted(STAGE_SEED_OFFSETS)}")
+        return self.seed + STAGE_SEED_OFFSETS[stream]
 
 
 def _exact_div(numerator: int, denominator: int, what: str, by: str) -> int:
@@ -278,10 +307,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    for old, new in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{path}: {old} was renamed to {new}; rename it")
     params = _build(Params, raw, str(path))
     _validate(params, str(path))
     return params
 
+
+# Keys renamed for one name per meaning: "resume" = crash-safety checkpoints outside DVC's outs, "snapshot" = the
+# policies saved for the evaluation's over-optimisation curve. An old key fails naming the new one.
+RENAMED_KEYS = {
+    "sft.checkpoint_every": "sft.resume_every",
+    "reward.checkpoint_every": "reward.resume_every",
+    "ppo.checkpoint_every": "ppo.snapshot_every",
+    "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts",
+}
 
 # Range rules checked by load_params, so a bad value stops `dvc repro` at the first stage, before any training.
 POSITIVE = (  # must be > 0
@@ -298,7 +340,8 @@ POSITIVE = (  # must be > 0
 NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
     "prepare.max_rows", "sft.warmup_steps", "sft.weight_decay", "sample_pairs.n_prompts", "label.temperature",
     "label.max_rows", "reward.warmup_steps", "ppo.vf_coef", "ppo.kl_coef", "evaluate.n_prompts", "evaluate.n_samples_table",
-    "evaluate.checkpoint_prompts", "evaluate.bootstrap_resamples", "sft.checkpoint_every", "reward.checkpoint_every", "ppo.resume_every",
+    "evaluate.snapshot_prompts", "evaluate.bootstrap_resamples", "sft.resume_every", "reward.resume_every",
+    "ppo.resume_every",
 )
 OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
 CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # in [0, 1]
@@ -336,6 +379,63 @@ def range_problems(params: Params) -> list[str]:
     return problems
 
 
+# Keys that apply in one mode only: (keys, in effect?, the mode that makes them idle, how to make them count).
+# A key changed from its default while idle is refused, since the stage would ignore it without a word; at its
+# default it is fine (params.yaml lists every key).
+MODE_KEYS: tuple[tuple[tuple[str, ...], Callable[[Params], bool], Callable[[Params], str], str], ...] = (
+    (("prepare.dataset_split", "prepare.prompts_dataset", "prepare.eval_fraction", "prepare.max_rows"),
+     lambda p: p.prepare.dataset != "embedded",
+     lambda p: "prepare.dataset is embedded (it applies to a real dataset only)", "name a real prepare.dataset"),
+    (("prepare.n_demonstrations", "prepare.n_train_prompts", "prepare.n_eval_prompts"),
+     lambda p: p.prepare.dataset == "embedded",
+     lambda p: f"prepare.dataset is {p.prepare.dataset!r} (it sizes the embedded corpus only)",
+     "set prepare.dataset: embedded"),
+    (("prepare.vocab_size", "prepare.model.n_layer", "prepare.model.n_head", "prepare.model.n_embd",
+      "prepare.model.n_positions"),
+     lambda p: p.prepare.base_model == "embedded",
+     lambda p: f"prepare.base_model is {p.prepare.base_model!r} (a real model brings its own tokenizer and shape)",
+     "set prepare.base_model: embedded"),
+    (("label.gold", "label.temperature", "label.flip_prob"),
+     lambda p: p.label.annotator == "simulated",
+     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to the simulated annotator only)",
+     "set label.annotator: simulated"),
+    (("label.dataset", "label.dataset_split", "label.max_rows"),
+     lambda p: p.label.annotator == "dataset",
+     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to imported preference data only)",
+     "set label.annotator: dataset"),
+    (("label.labels_file",),
+     lambda p: p.label.annotator == "human",
+     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to human labels only)",
+     "set label.annotator: human"),
+    (("ppo.lora_alpha", "ppo.lora_target_modules"),
+     lambda p: p.ppo.lora_rank > 0,
+     lambda p: "ppo.lora_rank is 0 (LoRA is off)", "set ppo.lora_rank > 0"),
+    (("ppo.kl_horizon",),
+     lambda p: p.ppo.adaptive_kl,
+     lambda p: f"ppo.adaptive_kl is false (β stays ppo.kl_coef = {p.ppo.kl_coef})", "set ppo.adaptive_kl: true"),
+)
+HUMAN_LABELS_DIR = "data/human_labels"  # the label stage's DVC dependency (dvc.yaml): label.labels_file must lie in it
+
+
+def idle_key_problems(params: Params) -> list[str]:
+    """Every key changed from its default in a mode where its stage ignores it: one line naming key, cause and fix."""
+    defaults, problems = Params(), []
+    for keys, in_effect, idle_because, fix in MODE_KEYS:
+        if in_effect(params):
+            continue
+        for key in keys:
+            value, default = _value(params, key), _value(defaults, key)
+            if value != default:
+                problems.append(f"{key} = {value!r} has no effect: {idle_because(params)}; "
+                                f"set it back to {default!r} or {fix}")
+    labels_file = posixpath.normpath(params.label.labels_file)
+    if params.label.annotator == "human" and not labels_file.startswith(HUMAN_LABELS_DIR + "/"):
+        problems.append(f"label.labels_file {params.label.labels_file!r} lies outside {HUMAN_LABELS_DIR}/, the label "
+                        "stage's DVC dependency, so DVC would not see new labels; "
+                        f"keep the file under {HUMAN_LABELS_DIR}/")
+    return problems
+
+
 def _validate(params: Params, where: str) -> None:
     """Choices, ranges and sizes that must divide; the first problem is raised, naming the file and the key."""
     model = params.prepare.model
@@ -347,7 +447,7 @@ def _validate(params: Params, where: str) -> None:
         (params.label.annotator != "dataset" or bool(params.label.dataset), "label.dataset is required when label.annotator is dataset"),
         (model.n_head <= 0 or model.n_embd % model.n_head == 0, f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})"),
     ]
-    problems = [problem for ok, problem in checks if not ok] + range_problems(params)
+    problems = [problem for ok, problem in checks if not ok] + idle_key_problems(params) + range_problems(params)
     if problems:
         raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
     try:  # every process's share of the rollout batch must split into minibatches and micro-batches exactly

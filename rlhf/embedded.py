@@ -1,4 +1,4 @@
-"""The embedded default task: make movie-review continuations positive (DESIGN.md §5–6).
+"""The embedded default task: make movie-review continuations positive (docs/design.md §5).
 
 A laptop-scale stand-in for the "positive continuations" experiment of lm-human-preferences and TRL's
 sentiment demo, fully offline and deterministic. Reviews come from a tiny grammar::
@@ -100,7 +100,7 @@ def parse_review(text: str) -> list[Clause] | None:
     """The clauses of a review, or None when ``text`` is not exactly a valid review.
 
     Strict on purpose: the gold judge must punish every deviation (extra spaces, trailing text, a repeated
-    noun such as "the plot was lovely was lovely"), or PPO will find and exploit it (DESIGN.md §6).
+    noun such as "the plot was lovely was lovely"), or PPO will find and exploit it (docs/design.md §5).
     """
     if text.startswith(" "):
         text = text[1:]

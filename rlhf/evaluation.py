@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import ppo
+from rlhf import ppo, sampling
 from rlhf.modeling import RewardNormalization, encode_prompts
-from rlhf.rollout import generate_responses, response_logprobs, reward_scores
+from rlhf.rollout import response_logprobs, reward_scores
 
 
 @dataclass
@@ -50,11 +50,11 @@ def sample_and_score(
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start : start + batch_size]
         query_ids, query_mask = encode_prompts(tokenizer, chunk)
-        raw = generate_responses(policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        raw = sampling.sample(policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id).responses
         responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
         args = (query_ids, query_mask, responses, mask)
-        policy_logprobs = response_logprobs(policy, *args, temperature)[0]
-        reference_logprobs = response_logprobs(reference, *args, temperature)[0]
+        policy_logprobs = response_logprobs(policy, *args, temperature)
+        reference_logprobs = response_logprobs(reference, *args, temperature)
         out.prompts += chunk
         out.responses += tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
         out.finished += finished.tolist()

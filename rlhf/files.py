@@ -1,5 +1,5 @@
 """Files, written so a crash never leaves half of one: the one atomic write, the one content digest, and the JSON,
-JSONL and CSV writers built on them (docs/design.md, "Outputs are atomic").
+JSONL and CSV writers built on them (docs/design.md §3).
 
 A file is written to a temporary sibling, fsynced and renamed over its target (``os.replace`` is atomic on POSIX);
 a folder is assembled in a ``.partial`` sibling and renamed into place. Readers see the old version or the new one.

@@ -1,4 +1,4 @@
-"""A lean forward pass and KV-cached sampler for GPT-2-family models, on the models' own weights.
+"""A lean forward pass (with an optional KV cache) for GPT-2-family models, on the models' own weights.
 
 Why: for the small models PPO runs on a CPU, the Hugging Face forward costs more in Python (output capturing, mask
 builders, cache objects, an unfused tanh-GELU of five kernels) than in arithmetic, and ``generate()`` adds its
@@ -9,7 +9,8 @@ batched matmuls on the CPU (SDPA on CUDA), ``gelu(approximate="tanh")``, and a p
 They read the parameters of an unmodified ``GPT2LMHeadModel`` / ``GPT2ForSequenceClassification`` and run under
 autograd and autocast like any module code, so the optimiser, DDP and ``accelerate.autocast`` see no difference.
 :func:`supports` says when they apply; everything else (LoRA adapters, FSDP's per-block hooks, gradient
-checkpointing, other architectures) takes the Hugging Face path.
+checkpointing, other architectures) takes the Hugging Face path. The KV-cached decoder built on them is
+:func:`rlhf.sampling.lean_sample`.
 
 Shapes: b = rows, s = sequence, h = heads, d = hidden, dh = d / h, v = vocabulary.
 """
@@ -23,10 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Below this width, decoding on the CPU stays in fp32 under bf16 autocast: one-token steps multiply (b, d) by (d, 3d)
-# matrices, where oneDNN's bf16 GEMM costs more per call than MKL's fp32 (b=8, d=128: 25 µs against 15 µs), while
-# from d = 512 on the bf16 weights' halved memory traffic wins (140 against 276 µs). Measured here, torch 2.13.
-CPU_BF16_DECODE_MIN_WIDTH = 256
 TANH_GELU = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}  # the same tanh approximation (fast = a cheaper rounding of it)
 
 
@@ -99,7 +96,7 @@ class KVCache:
     values: torch.Tensor
 
     @classmethod
-    def empty(cls, model: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def empty(cls, model: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         config = model.config
         shape = (config.n_layer, batch, config.n_head, length, config.n_embd // config.n_head)
         return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
@@ -155,76 +152,3 @@ def full_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(…, d) → (…, v) with the model's (tied) LM head."""
     return F.linear(hidden, model.lm_head.weight)
-
-
-@dataclass
-class Sample:
-    responses: torch.Tensor  # (b, t) sampled ids, pad after each row's EOS; t ≤ max_new_tokens (stops when all ended)
-    logprobs: torch.Tensor  # (b, t) log softmax(logits / T) of the sampled token, unmodified by min_new_tokens; 0 after EOS
-    hidden: torch.Tensor | None  # (b, t, d) final hidden state of the position that chose each token (value heads)
-
-
-@torch.no_grad()
-def sample(
-    model: nn.Module,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    eos_token_id: int,
-    pad_token_id: int,
-    uniforms: torch.Tensor | None = None,
-    keep_hidden: bool = False,
-    generator: torch.Generator | None = None,
-) -> Sample:
-    """Pure sampling (no top-k/top-p) of up to ``max_new_tokens`` tokens with a preallocated KV cache.
-
-    At least one token per row (EOS is barred at the first step, as ``min_new_tokens=1``); the log-prob recorded is
-    that of the unmodified distribution, which is what PPO's ratio compares against. ``uniforms`` (b, ≥t): draw
-    token i of row e by inverse transform from ``uniforms[e, i]`` (see ``rlhf.ppo_trainer.inverse_cdf_sample``);
-    otherwise ``torch.multinomial`` with ``generator``. Decoding stops as soon as every row has ended.
-    """
-    device = query_ids.device
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and model.config.n_embd < CPU_BF16_DECODE_MIN_WIDTH:
-        with torch.autocast("cpu", enabled=False):
-            return sample(model, query_ids, query_mask, max_new_tokens, temperature, eos_token_id, pad_token_id, uniforms, keep_hidden, generator)
-    batch, query_length = query_ids.shape
-    dtype = torch.get_autocast_dtype("cuda" if device.type == "cuda" else "cpu") if torch.is_autocast_enabled(device.type) else model.lm_head.weight.dtype
-    cache = KVCache.empty(model, batch, query_length + max_new_tokens, dtype, device)
-    key_mask = torch.zeros(batch, query_length + max_new_tokens, dtype=torch.bool, device=device)
-    key_mask[:, :query_length] = query_mask.bool()
-    positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
-    next_position = positions[:, -1] + 1
-    responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(batch, max_new_tokens, device=device)
-    hiddens = []
-    ended = torch.zeros(batch, dtype=torch.bool, device=device)
-    # prefill: the whole prompt, keep the last position
-    hidden = hidden_states(model, query_ids, positions, attention_mask_4d(key_mask[:, :query_length], 0, query_length), cache, 0)[:, -1]
-    steps = 0
-    for step in range(max_new_tokens):
-        logits = lm_logits(model, hidden).float() / temperature  # (b, v)
-        log_distribution = torch.log_softmax(logits, dim=-1)
-        choice = log_distribution if step > 0 else log_distribution.index_fill(1, torch.tensor([eos_token_id], device=device), float("-inf"))
-        if uniforms is not None:
-            cdf = choice.exp().cumsum(-1)
-            tokens = torch.searchsorted(cdf, (uniforms[:, step].to(cdf) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-            tokens = tokens.clamp(max=logits.shape[-1] - 1)
-        else:
-            tokens = torch.multinomial(choice.exp(), 1, generator=generator).squeeze(-1)
-        alive = ~ended
-        tokens = torch.where(alive, tokens, pad_token_id)
-        responses[:, step] = tokens
-        logprobs[:, step] = torch.where(alive, log_distribution.gather(1, tokens[:, None]).squeeze(1), 0.0)
-        if keep_hidden:
-            hiddens.append(hidden)
-        ended = ended | (alive & (tokens == eos_token_id))
-        steps = step + 1
-        if steps == max_new_tokens or bool(ended.all()):
-            break
-        column = query_length + step
-        key_mask[:, column] = alive  # this step's token (the EOS included) is real for rows alive before it
-        mask = attention_mask_4d(key_mask[:, : column + 1], column, 1)
-        hidden = hidden_states(model, tokens[:, None], next_position[:, None], mask, cache, column)[:, -1]
-        next_position = next_position + 1
-    return Sample(responses[:, :steps], logprobs[:, :steps], torch.stack(hiddens, 1) if keep_hidden else None)

@@ -29,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf import lean_gpt2
 from rlhf.config import TinyModelConfig
+from rlhf.files import write_text
 
 REWARD_NORMALIZATION_FILE = "reward_normalization.json"
 
@@ -146,7 +147,7 @@ class RewardNormalization:
         return (raw_scores - self.mean) / self.std
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, REWARD_NORMALIZATION_FILE).write_text(json.dumps({"mean": self.mean, "std": self.std}, indent=2))
+        write_text(Path(folder, REWARD_NORMALIZATION_FILE), json.dumps({"mean": self.mean, "std": self.std}, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> "RewardNormalization":
@@ -217,7 +218,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory options for PPO (README "Scaling PPO")
+# Memory options for PPO (docs/design.md §6)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
@@ -252,8 +253,8 @@ def add_lora(policy: PreTrainedModel, rank: int, alpha: int, target_modules: str
 def value_head_for(policy: PreTrainedModel, reward_model: PreTrainedModel | None) -> nn.Linear:
     """(hidden → 1) value head for the policy's trunk: a copy of the reward model's score head, or zeros.
 
-    Copying the RM head is the trunk-sharing analogue of initialising the critic from the RM (DESIGN §4.8); it needs
-    the RM's hidden size to match the policy's (true when the RM was initialised from the SFT model).
+    Copying the RM head is the trunk-sharing analogue of initialising the critic from the RM (docs/design.md §4.8);
+    it needs the RM's hidden size to match the policy's (true when the RM was initialised from the SFT model).
     """
     hidden_size = policy.config.hidden_size
     head = nn.Linear(hidden_size, 1, bias=False)

@@ -1,4 +1,4 @@
-"""PNG plots rendered offline with matplotlib's Agg backend (`dvc plots show` loads Vega from a CDN; DESIGN §3).
+"""PNG plots rendered offline with matplotlib's Agg backend (`dvc plots show` loads Vega from a CDN; docs/design.md §8).
 
 Each function takes rows as read from the pipeline's CSV files (``csv.DictReader``: every value a string) and writes
 one PNG. matplotlib is imported lazily so the stage programs still run where only torch + transformers exist.

@@ -3,7 +3,7 @@
 Pure tensor functions, no models and no process group: the PPO stage (``tasks/ppo.py``) calls them in order.
 Shapes use ``b`` for the batch of episodes and ``t`` for the response length (response tokens only; the query
 is never part of these tensors). A ``response_mask`` is ``(b, t)`` bool, True at real response tokens; every
-statistic here ignores the False positions, whatever values they hold (DESIGN §4.6).
+statistic here ignores the False positions, whatever values they hold (docs/design.md §4.6).
 
 Sources:
 - PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
@@ -15,7 +15,8 @@ Sources:
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Protocol
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ def _global_sum_and_count(values: Tensor, mask: Tensor, all_reduce_sum: AllReduc
 def masked_mean(
     values: Tensor, mask: Tensor, dim: int | None = None, all_reduce_sum: AllReduceSum = None
 ) -> Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is True (DESIGN §4.6: padding never enters a mean).
+    """Mean of ``values`` over the positions where ``mask`` is True (docs/design.md §4.6: no padding in a mean).
 
     Args:
         values: any shape, e.g. ``(b, t)``.
@@ -124,7 +125,7 @@ def masked_whiten(
     """Normalise the valid entries to mean 0 and (unbiased) std 1; masked positions are returned as 0.
 
     Used for advantages (and optionally rewards) in PPO for RLHF (Huang et al. 2023, "advantage whitening").
-    Statistics are global across processes when ``all_reduce_sum`` is given (DESIGN §4.3).
+    Statistics are global across processes when ``all_reduce_sum`` is given (docs/design.md §4.3).
 
     Args:
         values: ``(b, t)``, e.g. advantages.
@@ -208,7 +209,7 @@ def first_true_index(bools: Tensor, dim: int = -1) -> Tensor:
 def truncate_after_stop_token(
     responses: Tensor, stop_token_id: int, pad_token_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The "EOS trick" (Huang et al. 2023; DESIGN §4.5): cut each response at its first stop token.
+    """The "EOS trick" (Huang et al. 2023; docs/design.md §4.5): cut each response at its first stop token.
 
     Sampling runs for a fixed number of tokens; whatever follows the first stop token is not part of the
     episode, so it is replaced by padding and masked out of every later computation.
@@ -280,7 +281,7 @@ def compute_rewards(
     """Per-token rewards: a KL penalty at every response token plus the RM score on the last real token.
 
     Ziegler et al. 2019 / Huang et al. 2023: ``R_t = −β·KL_t``, and the sequence-level score is added at the
-    last real token (the EOS position, not the pad after it; DESIGN §4.4).
+    last real token (the EOS position, not the pad after it; docs/design.md §4.4).
 
     Args:
         scores: ``(b,)`` reward-model scores (after any missing-EOS penalty).
@@ -395,7 +396,7 @@ def policy_loss(
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip_range_value: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss ``0.5·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²))`` (DESIGN §4.2).
+    """Clipped value loss ``0.5·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²))`` (docs/design.md §4.2).
 
     The value head may not move more than ε_v from its rollout-time estimate in one PPO phase; taking the
     max of the two errors is the pessimistic choice (as in OpenAI baselines; Huang et al. 2023).
@@ -425,14 +426,6 @@ def value_loss(
 
 
 # --- KL coefficient controllers ----------------------------------------------------------------------------------
-
-
-class KLController(Protocol):
-    """Holds β, the KL penalty coefficient, and updates it once per PPO iteration."""
-
-    value: float
-
-    def update(self, current_kl: float, n_steps: int) -> None: ...
 
 
 class FixedKLController:

@@ -2,7 +2,7 @@
 
 Both pre-tokenise once, draw shuffled batches from a seeded generator, use AdamW with warm-up then decay, clip
 gradient norms, and report held-out metrics. Both stop on a non-finite loss/score/gradient norm (:mod:`rlhf.guards`)
-and, given a :class:`~rlhf.checkpoint.Checkpointer`, save resume checkpoints every N steps and resume from the latest
+and, given :class:`~rlhf.checkpoint.ResumeCheckpoints`, save resume checkpoints every N steps and resume from the latest
 matching one: the learning rate is a function of the step and every random draw comes from a generator whose state is
 checkpointed, so a resumed run ends with the same weights as an uninterrupted one (bitwise on CPU, same thread count).
 """
@@ -18,12 +18,30 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.checkpoint import Checkpointer, capture_rng, restore_rng
+from rlhf.checkpoint import ResumeCheckpoints, capture_rng, restore_rng
 from rlhf.config import RewardConfig, SFTConfig
 from rlhf.guards import require_finite
 from rlhf.modeling import causal_lm_logits, encode_prompt_response, right_pad, sequence_scores
 
 Log = Callable[[dict], None]
+
+
+def resume_training(checkpointer: ResumeCheckpoints | None, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    generators: dict[str, torch.Generator]) -> tuple[int, dict]:
+    """Where a loop starts: step 0 and {} when fresh, else the checkpoint's step and state, with the model, the optimiser
+    and ``generators`` (and the global RNGs) restored from it."""
+    resumed = checkpointer.resume() if checkpointer else None
+    if resumed is None:
+        return 0, {}
+    model.load_state_dict(resumed[1]["model"])
+    optimizer.load_state_dict(resumed[1]["optimizer"])
+    restore_rng(resumed[1]["rng"], generators)
+    return resumed
+
+
+def training_state(model: PreTrainedModel, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], **extra) -> dict:
+    """What :func:`resume_training` restores, plus the loop's own ``extra`` entries."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(generators), **extra}
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -77,16 +95,8 @@ def sft_eval_loss(model: PreTrainedModel, examples: list, pad_id: int, batch_siz
     return total / max(1, count)
 
 
-def train_sft(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[dict],
-    eval_rows: list[dict],
-    config: SFTConfig,
-    seed: int,
-    log: Log = lambda record: None,
-    checkpointer: Checkpointer | None = None,
-) -> dict[str, float]:
+def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_rows: list[dict], eval_rows: list[dict], config: SFTConfig,
+              seed: int, log: Log = lambda record: None, checkpointer: ResumeCheckpoints | None = None) -> dict[str, float]:
     """Fine-tune ``model`` in place on demonstrations; returns final metrics.
 
     With a ``checkpointer``: resumes from its latest matching checkpoint and saves one every ``checkpointer.every``
@@ -100,15 +110,8 @@ def train_sft(
     hint = f"lower sft.learning_rate (now {config.learning_rate}) or sft.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
     model.train()
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
-    resumed = checkpointer.resume() if checkpointer else None
-    if resumed:
-        first_step, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], {"batches": generator})
-        initial_eval = state["extras"]["eval_loss_initial"]
-    else:
-        first_step, initial_eval = 0, sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
+    first_step, state = resume_training(checkpointer, model, optimizer, {"batches": generator})
+    initial_eval = state["extras"]["eval_loss_initial"] if state else sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
     for step in range(first_step, config.steps):
         # 1. sample a batch, 2. loss on response tokens, 3. clipped AdamW step with the scheduled learning rate
         index = torch.randint(len(train_examples), (config.batch_size,), generator=generator).tolist()
@@ -127,12 +130,7 @@ def train_sft(
             record["eval/loss"] = sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
             log(record)
         if checkpointer and checkpointer.due(step + 1, config.steps):
-            checkpointer.save(step + 1, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": capture_rng({"batches": generator}),
-                "extras": {"eval_loss_initial": initial_eval},
-            })
+            checkpointer.save(step + 1, training_state(model, optimizer, {"batches": generator}, extras={"eval_loss_initial": initial_eval}))
     model.eval()
     return {
         "train_loss": loss.item(),
@@ -187,16 +185,9 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     return {"accuracy": correct / max(1, len(rows)), "loss": loss_sum / max(1, len(rows))}
 
 
-def train_reward_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[dict],
-    eval_rows: list[dict],
-    config: RewardConfig,
-    seed: int,
-    log: Log = lambda record: None,
-    checkpointer: Checkpointer | None = None,
-) -> dict[str, float]:
+def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_rows: list[dict], eval_rows: list[dict],
+                       config: RewardConfig, seed: int, log: Log = lambda record: None,
+                       checkpointer: ResumeCheckpoints | None = None) -> dict[str, float]:
     """Train ``model`` in place with the Bradley–Terry loss; returns held-out metrics.
 
     One shuffled pass per epoch; the data position is (step, this epoch's order), checkpointed with the model,
@@ -208,15 +199,10 @@ def train_reward_model(
     steps_per_epoch = max(1, len(train_rows) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     hint = f"lower reward.learning_rate (now {config.learning_rate}) or reward.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
-    start, first_step, order = time.perf_counter(), 0, []
+    start = time.perf_counter()
     model.train()
-    resumed = checkpointer.resume() if checkpointer else None
-    if resumed:
-        first_step, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], {"order": generator})
-        order = state["order"].tolist()
+    first_step, state = resume_training(checkpointer, model, optimizer, {"order": generator})
+    order = state["order"].tolist() if state else []
     for step in range(first_step, total_steps):
         epoch, batch_index = divmod(step, steps_per_epoch)
         if batch_index == 0:
@@ -239,12 +225,7 @@ def train_reward_model(
             model.train()
             log({"epoch": epoch + 1, "step": step + 1, "total": total_steps, "train/loss": loss.item(), "eval/accuracy": held_out["accuracy"], "eval/loss": held_out["loss"]})
         if checkpointer and checkpointer.due(step + 1, total_steps):
-            checkpointer.save(step + 1, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": capture_rng({"order": generator}),
-                "order": torch.tensor(order, dtype=torch.int64),
-            })
+            checkpointer.save(step + 1, training_state(model, optimizer, {"order": generator}, order=torch.tensor(order, dtype=torch.int64)))
     model.eval()
     held_out = preference_accuracy(model, tokenizer, eval_rows)
     train_metrics = preference_accuracy(model, tokenizer, train_rows[: len(eval_rows) or 1])

@@ -1,6 +1,6 @@
 """Stage `label`: preference labels → data/preferences/{train,eval}.jsonl.
 
-    python -m tasks.label
+    python -m tasks.label --pairs data/pairs --out data/preferences --metrics metrics/label.json
 
 Annotators (`label.annotator`):
 - `simulated`: a gold judge (`label.gold`, `module:callable`) plus Bradley–Terry noise labels all pairs of the
@@ -13,16 +13,18 @@ The split into train/eval is by prompt, so no prompt's pairs sit on both sides.
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 
-from rlhf import annotators, data
+from rlhf import annotators, data, importers
 from rlhf.config import LabelConfig, load_params
 from rlhf.data import DataError
+from rlhf.files import write_json, write_jsonl
 from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import finite_scores, load_judge, read_records
 
-SAMPLES, OUT_DIR = Path("data/pairs/samples.jsonl"), Path("data/preferences")
+PAIRS, OUT_DIR = Path("data/pairs"), Path("data/preferences")
 METRICS = Path("metrics/label.json")
 
 
@@ -37,20 +39,20 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[
     return [r for r in rows if r["prompt"] not in held_out], [r for r in rows if r["prompt"] in held_out]
 
 
-def label_simulated(config: LabelConfig, seed: int) -> tuple[list[dict], dict]:
-    samples = read_records(SAMPLES, data.validate_samples)
+def label_simulated(config: LabelConfig, seed: int, samples_file: Path) -> tuple[list[dict], dict]:
+    samples = read_records(samples_file, data.validate_samples)
     load_judge(config.gold, "label.gold")  # a bad spec is named as a params key
-    annotator = annotators.make_annotator("simulated", config.gold, config.temperature, config.flip_prob, seed)
+    annotator = annotators.make_annotator(config.gold, config.temperature, config.flip_prob, seed)
     # the gold judge is user code: score everything first and refuse a NaN/inf score, naming the row
-    annotator.gold = finite_scores(annotator.gold, samples, str(SAMPLES), f"label.gold {config.gold!r}")
+    annotator.gold = finite_scores(annotator.gold, samples, str(samples_file), f"label.gold {config.gold!r}")
     annotator_id = f"simulated:{config.gold}:tau={config.temperature}:flip={config.flip_prob}"
     return annotators.label_pairs(samples, annotator, annotator_id)
 
 
 def label_from_dataset(config: LabelConfig) -> tuple[list[dict], dict]:
-    rows = data.load_table(config.dataset, config.dataset_split)
+    rows = importers.load_table(config.dataset, config.dataset_split)
     rows = rows[: config.max_rows] if config.max_rows else rows
-    records, n_dropped = data.to_preference_records(rows, config.dataset)
+    records, n_dropped = importers.to_preference_records(rows, config.dataset)
     for record in records:
         record["annotator"] = f"dataset:{config.dataset}"
     return records, {"n_pairs": len(records), "n_dropped": n_dropped}
@@ -64,25 +66,38 @@ def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
     return records, {"n_pairs": len(records), "n_annotators": len({r.get("annotator") for r in records})}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths).
+
+    The human labels file is a param (``label.labels_file``, under data/human_labels/): the labelling flow writes it.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tasks.label", description="Stage label: preference labels.")
+    parser.add_argument("--pairs", type=Path, default=PAIRS, help="sampled pairs folder: samples.jsonl (simulated)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder written: train.jsonl and eval.jsonl")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with refuse_bad_input():  # labelling is cheap: all of it runs before anything is written
         params = load_params()
         config = params.label
         if config.annotator == "simulated":
-            records, stats = label_simulated(config, params.seed + 2)
+            records, stats = label_simulated(config, params.stage_seed("label.annotator"), args.pairs / "samples.jsonl")
         elif config.annotator == "dataset":
             records, stats = label_from_dataset(config)
         else:
             records, stats = label_from_humans(config)
         data.validate_preferences(records, f"labels from the {config.annotator} annotator")
-        train, held_out = split_by_prompt(records, config.eval_fraction, params.seed)
+        train, held_out = split_by_prompt(records, config.eval_fraction, params.stage_seed("label.split"))
         if not train or not held_out:
             raise DataError(f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train and eval. "
                             "Fix: provide more pairs (or change label.eval_fraction in params.yaml)")
-    data.write_jsonl(OUT_DIR / "train.jsonl", train)
-    data.write_jsonl(OUT_DIR / "eval.jsonl", held_out)
+    write_jsonl(args.out / "train.jsonl", train)
+    write_jsonl(args.out / "eval.jsonl", held_out)
     metrics = {**stats, "annotator": config.annotator, "n_train": len(train), "n_eval": len(held_out)}
-    data.write_json(METRICS, metrics)
+    write_json(args.metrics, metrics)
     emit("label", "metrics", **metrics)
 
 

@@ -1,11 +1,15 @@
 """Stage `ppo`: PPO against the reward model with a KL penalty to the frozen SFT policy.
 
     accelerate launch --config_file ${ppo.config_file} --num_processes ${ppo.num_processes} \
-        --mixed_precision ${ppo.mixed_precision} -m tasks.ppo          # e.g. configs/cpu-2proc.yaml, 2, no
+        --mixed_precision ${ppo.mixed_precision} -m tasks.ppo \
+        --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --out models/policy \
+        --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv
+
+(the launch options from params, e.g. configs/cpu-2proc.yaml, 2, no; the paths as dvc.yaml passes them).
 
 Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json,
-plots/ppo.csv and models/policy_checkpoints/step-N (every ppo.checkpoint_every iterations and the last; the evaluate
-stage scores them for the over-optimisation curve). Profiles and memory options: README "Scaling PPO".
+plots/ppo.csv and the policy snapshots models/policy_checkpoints/step-N (every ppo.snapshot_every iterations and the
+last; the evaluate stage scores them for the over-optimisation curve). Profiles and memory options: docs/design.md §6.
 
 Crash safety: every ppo.resume_every iterations a resume checkpoint goes to .rlhf/checkpoints/ppo (outside DVC's
 outs, which DVC deletes before a rerun); a rerun with the same params, inputs and launch resumes from it. The policy
@@ -15,25 +19,23 @@ so those of iterations before a kill survive it. NaN/inf in training stops the s
 
 from __future__ import annotations
 
-import copy
-import csv
+import argparse
 import resource
-import shutil
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import data
-from rlhf.checkpoint import config_part
-from rlhf.config import ConfigError, PPOConfig, load_params
+from rlhf.config import ConfigError, load_params
+from rlhf.files import replace_folder, staging_folder, write_csv, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
-from rlhf.modeling import merge_lora
-from rlhf.ppo_trainer import PreparedTraining, ResumeCheckpoints, export_policy, load_ppo_models, make_accelerator, prepare_training, train_ppo
-from rlhf.files import replace_folder, staging_folder
+from rlhf.ppo_trainer.loop import train_ppo
+from rlhf.ppo_trainer.models import load_ppo_models
+from rlhf.ppo_trainer.optimise import prepare_training
+from rlhf.ppo_trainer.processes import export_policy, make_accelerator
+from rlhf.ppo_trainer.resume import stage_checkpoints
+from rlhf.ppo_trainer.snapshots import PolicySnapshots, save_policy
 from tasks.stage_io import release_free_heap, tune_malloc_for_training, EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
 
@@ -48,106 +50,41 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_history(history: list[dict]) -> None:
-    HISTORY.parent.mkdir(parents=True, exist_ok=True)
-    with HISTORY.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's input and output paths (dvc.yaml passes them after ``-m tasks.ppo``; the defaults are the same)."""
+    parser = argparse.ArgumentParser(prog="accelerate launch ... -m tasks.ppo", description="Stage ppo.")
+    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder: initial policy and reference")
+    parser.add_argument("--reward", type=Path, default=REWARD_MODEL, help="reward model folder (the critic's start)")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="training prompts (JSONL)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="policy folder written")
+    parser.add_argument("--snapshots", type=Path, default=CHECKPOINTS, help="folder written: policy snapshots step-N")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
+    parser.add_argument("--history", type=Path, default=HISTORY, help="per-iteration CSV written (DVC plot)")
+    return parser.parse_args(argv)
 
 
-def save_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PPOConfig, folder: Path) -> None:
-    """A loadable policy folder whose generation config samples as in training."""
-    policy.generation_config.update(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.response_length,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    policy.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-def checkpoint_steps(config: PPOConfig) -> set[int]:
-    """Iterations after which the policy is saved: every ``checkpoint_every`` and always the last."""
-    every = config.checkpoint_every or config.iterations
-    return set(range(every, config.iterations + 1, every)) | {config.iterations}
-
-
-class PolicySnapshots:
-    """``on_iteration`` callback of train_ppo: the policy after the :func:`checkpoint_steps` iterations, as ``step-N``
-    folders in ``folder`` (main process), moved to models/policy_checkpoints when training ends.
-
-    ``folder`` lies in the resume area (.rlhf/checkpoints/ppo/policy_checkpoints), not in a staging folder under
-    models/: a rerun resuming from iteration N needs the snapshots of iterations ≤ N, and cannot re-create them (the
-    resume checkpoint holds only the latest weights). Each resume checkpoint records :attr:`written`; on resume the
-    folder is cut back to that list (:meth:`keep_only`), dropping snapshots of iterations that will run again.
-    """
-
-    def __init__(self, config: PPOConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-        self.config, self.tokenizer, self.folder = config, tokenizer, folder
-        self.steps = checkpoint_steps(config)
-        self.written: list[int] = []
-
-    def __call__(self, step: int, accelerator: Accelerator, prepared: PreparedTraining) -> None:
-        if step not in self.steps:
-            return
-        # a snapshot must not change training: FSDP's export builds a model (weight init draws from the RNG)
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            if self.config.lora_rank > 0 and accelerator.distributed_type != DistributedType.FSDP:
-                # export_policy merges LoRA in place, which would end training's adapters: merge a copy instead
-                unwrapped = accelerator.unwrap_model(prepared.module)
-                policy = merge_lora(copy.deepcopy(unwrapped.policy)) if accelerator.is_main_process else None
-            else:
-                policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
-            if accelerator.is_main_process:
-                target = self.folder / f"step-{step}"
-                shutil.rmtree(target, ignore_errors=True)  # left by a run killed after writing it, before its resume checkpoint
-                save_policy(policy, self.tokenizer, self.config, target)
-        self.written.append(step)
-
-    def missing(self, written: list[int]) -> str | None:
-        """Why a resume checkpoint that recorded ``written`` cannot be used (a snapshot it relies on is gone), or None."""
-        gone = [step for step in written if not (self.folder / f"step-{step}" / "config.json").is_file()]
-        return f"the policy snapshots {gone} it recorded are missing from {self.folder}" if gone else None
-
-    def keep_only(self, written: list[int], main: bool) -> None:
-        """Resume: the snapshots ``written`` before the checkpoint stay; later ones (their iterations rerun) go."""
-        self.written = list(written)
-        if main and self.folder.is_dir():
-            for path in self.folder.iterdir():
-                if path.name not in {f"step-{step}" for step in written}:
-                    shutil.rmtree(path)
-
-
-def resume_checkpoints(params, config: PPOConfig, accelerator: Accelerator) -> ResumeCheckpoints:
-    """The stage's resume checkpoints, valid for the same params (but ppo.resume_every), seed, inputs and launch.
-
-    The process count and distributed type are part of it: every rank restores its own RNG file, and the sampled
-    episodes depend on the number of ranks; the launch profile's content too (a changed profile is another launch).
-    """
-    notify = (lambda event, fields: emit("ppo", event, **fields)) if accelerator.is_main_process else (lambda event, fields: None)
-    launch = {"num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
-    return ResumeCheckpoints.for_stage("ppo", config.resume_every, config_part(config, ignore=("resume_every",)), params.seed + 4, launch,
-                                       Path(config.config_file), SFT_MODEL, REWARD_MODEL, PROMPTS, notify=notify)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with refuse_bad_input():  # cheap checks only (params, prompts, model folders, tokenizers), before any model loads
         params = load_params()
         config = params.ppo
-        prompts = read_records(PROMPTS, data.validate_prompts)
-        for folder in (SFT_MODEL, REWARD_MODEL):
+        prompts = read_records(args.prompts, data.validate_prompts)
+        for folder in (args.sft, args.reward):
             check_model_dir(folder)
-        tokenizer = load_tokenizer(SFT_MODEL)
-        check_same_tokenizer(tokenizer, SFT_MODEL, load_tokenizer(REWARD_MODEL), REWARD_MODEL)  # the RM scores the policy's ids
-        for folder in (SFT_MODEL, REWARD_MODEL):
+        tokenizer = load_tokenizer(args.sft)
+        check_same_tokenizer(tokenizer, args.sft, load_tokenizer(args.reward), args.reward)  # the RM scores the policy's ids
+        for folder in (args.sft, args.reward):
             check_tokenizer_fits_model(tokenizer, folder)
-        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], SFT_MODEL, config.response_length, str(PROMPTS))
+        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], args.sft, config.response_length, str(args.prompts))
     try:
         accelerator = make_accelerator(config)
         config.derived(accelerator.num_processes)
     except ConfigError as error:
         fail(str(error))
     tune_malloc_for_training()
-    set_seed(params.seed + 4)
-    models = load_ppo_models(config, SFT_MODEL, REWARD_MODEL)
+    seed = params.stage_seed("ppo")
+    set_seed(seed)
+    models = load_ppo_models(config, args.sft, args.reward)
     prepared = prepare_training(models, config, accelerator)
     log = progress_logger("ppo") if accelerator.is_main_process else (lambda record: None)
     if accelerator.is_main_process:
@@ -155,24 +92,21 @@ def main() -> None:
         emit("ppo", "start", world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
              mixed_precision=accelerator.mixed_precision, iterations=config.iterations, rollout_batch_size=config.rollout_batch_size,
              policy_parameters=count_parameters(models.policy), trainable_parameters=trainable)
-    resume = resume_checkpoints(params, config, accelerator)
+    # resume checkpoints outside DVC's outs, valid only for these params, seed, inputs and launch (rlhf/ppo_trainer/resume.py)
+    resume = stage_checkpoints(config, seed, accelerator, (args.sft, args.reward, args.prompts), lambda event, fields: emit("ppo", event, **fields))
     snapshots = PolicySnapshots(config, models.tokenizer, resume.folder / "policy_checkpoints")
-    resumed = resume.open(accelerator, validate=lambda extras: snapshots.missing(extras.get("policy_snapshots", [])))
-    if resumed is not None:
-        snapshots.keep_only(resumed.get("policy_snapshots", []), accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    resume.extras = lambda: {"policy_snapshots": list(snapshots.written)}
+    snapshots.resume_with(resume, accelerator)
     try:
-        history = train_ppo(models, [r["prompt"] for r in prompts], config, params.seed + 4, accelerator, log, prepared, snapshots, resume, release_free_heap)
+        history = train_ppo(models, [r["prompt"] for r in prompts], config, seed, accelerator, log, prepared, snapshots, resume, release_free_heap)
     except NonFiniteError as error:
         fail(f"{error}; {resume.kept()}", code=EXIT_DIVERGED)
     policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
     if accelerator.is_main_process:
-        staging = staging_folder(OUT_DIR)
+        staging = staging_folder(args.out)
         save_policy(policy, models.tokenizer, config, staging)
-        replace_folder(staging, OUT_DIR)
-        replace_folder(snapshots.folder, CHECKPOINTS)
-        write_history(history)
+        replace_folder(staging, args.out)
+        replace_folder(snapshots.folder, args.snapshots)
+        write_csv(args.history, history)
         last = history[-1]
         tail = history[-max(1, len(history) // 10):]  # mean over the last 10 % of iterations: less noisy than the last one
         metrics = {f"final/{k}": last[k] for k in SUMMARY_KEYS}
@@ -187,10 +121,10 @@ def main() -> None:
             "episodes_per_second": last["episodes"] / sum(r["timing/iteration"] for r in history),
             "seconds": sum(r["timing/iteration"] for r in history),
         })
-        data.write_json(METRICS, metrics)
+        write_json(args.metrics, metrics)
         emit("ppo", "metrics", **metrics)
     accelerator.wait_for_everyone()
-    resume.clear(accelerator)  # the final outputs are in place: resume state no longer needed
+    resume.clear()  # the final outputs are in place: resume state no longer needed
     accelerator.end_training()
 
 

@@ -1,6 +1,6 @@
 """Stage `prepare`: demonstrations, prompts (train/eval), tokenizer and base model.
 
-    python -m tasks.prepare
+    python -m tasks.prepare --sft-data data/sft --prompts data/prompts --base models/base --metrics metrics/prepare.json
 
 Embedded default: a generated review corpus, a byte-level BPE trained here, a tiny GPT-2 built from params.
 Real sources: `prepare.base_model` / `prepare.dataset` name a Hub id or a local path (e.g. `gpt2`,
@@ -9,14 +9,15 @@ Real sources: `prepare.base_model` / `prepare.dataset` name a Hub id or a local 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from rlhf import data, embedded
+from rlhf import data, embedded, importers
 from rlhf.config import load_params
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
-from rlhf.files import replace_folder, staging_folder
+from rlhf.files import replace_folder, staging_folder, write_json, write_jsonl
 from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import check_tokenizer_fits_model
 
@@ -25,10 +26,10 @@ METRICS = Path("metrics/prepare.json")
 
 
 def load_real_dataset(source: str, split: str, eval_fraction: float, max_rows: int, seed: int, render) -> dict[str, list[dict]]:
-    """Demonstrations and prompts from a public dataset (any schema rlhf.data understands)."""
-    rows = data.load_table(source, split)
+    """Demonstrations and prompts from a public dataset (any schema rlhf.importers understands)."""
+    rows = importers.load_table(source, split)
     rows = rows[:max_rows] if max_rows else rows
-    demonstrations = data.to_demonstrations(rows, source, render)
+    demonstrations = importers.to_demonstrations(rows, source, render)
     sft_train, sft_eval = data.split_train_eval(demonstrations, eval_fraction, seed)
     return {
         "sft_train": sft_train,
@@ -38,24 +39,35 @@ def load_real_dataset(source: str, split: str, eval_fraction: float, max_rows: i
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's output paths (dvc.yaml passes them; the defaults are the same paths). Sources are params."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.prepare", description="Stage prepare: data, base model.")
+    parser.add_argument("--sft-data", type=Path, default=SFT_DIR, help="demonstrations written: train/eval.jsonl")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS_DIR, help="prompts written: train/eval.jsonl")
+    parser.add_argument("--base", type=Path, default=BASE_DIR, help="base model folder written (weights and tokenizer)")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with refuse_bad_input():  # params, tokenizer and text data are checked before any model is built or loaded
         params = load_params()
-        config, seed = params.prepare, params.seed
+        config, seed = params.prepare, params.stage_seed("prepare")
         # 1. tokenizer first (cheap): the real one, or for the embedded default one trained on the corpus
         if config.base_model == "embedded":
             tokenizer = None
         else:
             tokenizer = load_tokenizer(config.base_model)
             check_tokenizer_fits_model(tokenizer, config.base_model)  # reads config.json only
-        render = data.renderer_for(tokenizer) if tokenizer is not None else data.render_messages
+        render = importers.renderer_for(tokenizer) if tokenizer is not None else importers.render_messages
         # 2. text data
         if config.dataset == "embedded":
             corpus = embedded.make_corpus(seed, config.n_demonstrations, config.n_train_prompts, config.n_eval_prompts)
         else:
             corpus = load_real_dataset(config.dataset, config.dataset_split, config.eval_fraction, config.max_rows, seed, render)
             if config.prompts_dataset:
-                prompt_rows = data.to_prompts(data.load_table(config.prompts_dataset, config.dataset_split), config.prompts_dataset, render)
+                prompt_rows = importers.to_prompts(importers.load_table(config.prompts_dataset, config.dataset_split), config.prompts_dataset, render)
                 corpus["prompts_train"], corpus["prompts_eval"] = data.split_train_eval(prompt_rows, config.eval_fraction, seed)
         if tokenizer is None:
             texts = [row["prompt"] + row["response"] for row in corpus["sft_train"]]
@@ -78,12 +90,12 @@ def main() -> None:
         max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     # 5. outputs
     for name, rows in corpus.items():
-        folder = SFT_DIR if name.startswith("sft") else PROMPTS_DIR
-        data.write_jsonl(folder / f"{name.split('_', 1)[1]}.jsonl", rows)
-    staging = staging_folder(BASE_DIR)
+        folder = args.sft_data if name.startswith("sft") else args.prompts
+        write_jsonl(folder / f"{name.split('_', 1)[1]}.jsonl", rows)
+    staging = staging_folder(args.base)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    replace_folder(staging, BASE_DIR)
+    replace_folder(staging, args.base)
     metrics = {
         "n_demonstrations_train": len(corpus["sft_train"]),
         "n_demonstrations_eval": len(corpus["sft_eval"]),
@@ -93,7 +105,7 @@ def main() -> None:
         "n_parameters": count_parameters(model),
         "max_positions": max_positions,
     }
-    data.write_json(METRICS, metrics)
+    write_json(args.metrics, metrics)
     emit("prepare", "metrics", **metrics)
 
 

@@ -1,44 +1,56 @@
 """Stage `release`: a Hub-ready folder (safetensors weights, tokenizer, config, generation config, model card).
 
-    python -m tasks.release
+    python -m tasks.release --policy models/policy --evaluate-metrics metrics/evaluate.json \
+        --reward-metrics metrics/reward.json --ppo-metrics metrics/ppo.json --samples metrics/samples.md \
+        --curve plots/overoptimization.csv --plots plots/ppo_training.png plots/overoptimization.png \
+        --out models/release
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import subprocess
 from pathlib import Path
 
-from rlhf.card import build_model_card, lineage_from_lock, read_csv
+from pipeline.lineage import LOCK_FILE, git_commit, stage_lineage
+from pipeline.workspace import upstream_of
+from rlhf.card import build_model_card
 from rlhf.config import as_dict, load_params
-from rlhf.files import replace_folder, staging_folder
-from tasks.stage_io import emit, refuse_bad_input
+from rlhf.files import read_csv, replace_folder, staging_folder
 from rlhf.validation import check_model_dir, read_json_object
+from tasks.stage_io import emit, refuse_bad_input
 
 POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
-UPSTREAM = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate"]
 PLOTS = (Path("plots/ppo_training.png"), Path("plots/overoptimization.png"))  # copied next to the card
 RELEASE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.release", description="Stage release: Hub-ready folder.")
+    parser.add_argument("--policy", type=Path, default=POLICY, help="PPO policy folder released")
+    for name in ("evaluate", "reward", "ppo"):
+        parser.add_argument(f"--{name}-metrics", type=Path, default=Path(f"metrics/{name}.json"),
+                            help=f"{name} metrics quoted in the card")
+    parser.add_argument("--samples", type=Path, default=Path("metrics/samples.md"), help="sample table for the card")
+    parser.add_argument("--curve", type=Path, default=Path("plots/overoptimization.csv"), help="curve CSV for the card")
+    parser.add_argument("--plots", type=Path, nargs="*", default=list(PLOTS), help="PNG plots copied next to the card")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="release folder written")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with refuse_bad_input():  # before the staging folder: params, the policy folder, the metrics the card quotes
         params = load_params()
-        check_model_dir(POLICY)
-        metrics = {name: read_json_object(Path(f"metrics/{name}.json")) for name in ("evaluate", "reward", "ppo")}
-    staging = staging_folder(OUT_DIR)
-    for path in POLICY.iterdir():
+        check_model_dir(args.policy)
+        metrics = {name: read_json_object(getattr(args, f"{name}_metrics")) for name in ("evaluate", "reward", "ppo")}
+    staging = staging_folder(args.out)
+    for path in args.policy.iterdir():
         if path.name in RELEASE_FILES or path.suffix in {".json", ".txt", ".model"}:
             shutil.copy2(path, staging / path.name)
-    plots = [path.name for path in PLOTS if path.exists()]
-    for path in PLOTS:
+    plots = [path.name for path in args.plots if path.exists()]
+    for path in args.plots:
         if path.exists():
             shutil.copy2(path, staging / path.name)
     card = build_model_card(
@@ -52,14 +64,14 @@ def main() -> None:
         ppo=metrics["ppo"],
         params=as_dict(params),
         git_commit=git_commit(),
-        lineage=lineage_from_lock(Path("dvc.lock"), UPSTREAM),
-        samples_markdown=Path("metrics/samples.md").read_text() if Path("metrics/samples.md").exists() else "",
-        overoptimization=read_csv(Path("plots/overoptimization.csv")),
+        lineage=stage_lineage(LOCK_FILE, upstream_of("release")),  # the stages before this one in dvc.yaml
+        samples_markdown=args.samples.read_text() if args.samples.exists() else "",
+        overoptimization=read_csv(args.curve),
         plots=plots,
     )
     card.save(staging / "README.md")
-    replace_folder(staging, OUT_DIR)
-    emit("release", "metrics", files=sorted(p.name for p in OUT_DIR.iterdir()))
+    replace_folder(staging, args.out)
+    emit("release", "metrics", files=sorted(p.name for p in args.out.iterdir()))
 
 
 if __name__ == "__main__":

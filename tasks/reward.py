@@ -1,24 +1,27 @@
 """Stage `reward`: Bradley–Terry reward model, initialised from the SFT model, scores normalised on SFT samples.
 
-    python -m tasks.reward
+    python -m tasks.reward --sft models/sft --preferences data/preferences --pairs data/pairs --out models/reward \
+        --metrics metrics/reward.json
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from pathlib import Path
 
 from rlhf import data
-from rlhf.checkpoint import Checkpointer, config_part
+from rlhf.checkpoint import ResumeCheckpoints, config_part
 from rlhf.config import load_params
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
-from rlhf.files import replace_folder, staging_folder
+from rlhf.files import replace_folder, staging_folder, write_json
 from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 from rlhf.training import raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 
-SFT_MODEL, PREFS, SAMPLES, OUT_DIR = Path("models/sft"), Path("data/preferences"), Path("data/pairs/samples.jsonl"), Path("models/reward")
+SFT_MODEL, PREFS, PAIRS = Path("models/sft"), Path("data/preferences"), Path("data/pairs")
+OUT_DIR = Path("models/reward")
 METRICS = Path("metrics/reward.json")
 N_NORMALIZATION_SAMPLES = 2048
 
@@ -31,29 +34,43 @@ def annotator_agreement(rows: list[dict]) -> float | None:
     return statistics.fmean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.reward", description="Stage reward: the reward model.")
+    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder the reward model starts from")
+    parser.add_argument("--preferences", type=Path, default=PREFS, help="preferences folder: train.jsonl, eval.jsonl")
+    parser.add_argument("--pairs", type=Path, default=PAIRS, help="sampled pairs folder (samples.jsonl: the scale)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="reward model folder written")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    samples_file = args.pairs / "samples.jsonl"
     with refuse_bad_input():  # cheap checks only: params, preference pairs, the SFT folder and its tokenizer
         params = load_params()
         config = params.reward
-        check_model_dir(SFT_MODEL)
-        tokenizer = load_tokenizer(SFT_MODEL)
-        check_tokenizer_fits_model(tokenizer, SFT_MODEL)
+        check_model_dir(args.sft)
+        tokenizer = load_tokenizer(args.sft)
+        check_tokenizer_fits_model(tokenizer, args.sft)
         splits = {}
         for split in ("train", "eval"):
-            path = PREFS / f"{split}.jsonl"
+            path = args.preferences / f"{split}.jsonl"
             rows = read_records(path, data.validate_preferences)
             for side in ("chosen", "rejected"):
                 texts = [r["prompt"] + r[side] for r in rows]
                 data.check_lengths(texts, tokenizer, config.max_length - 1, str(path), f"prompt + {side}")
             splits[split] = rows
-        samples = read_records(SAMPLES, data.validate_samples) if SAMPLES.exists() else []
-    set_seed(params.seed + 3)
-    model = load_scalar_model(SFT_MODEL, tokenizer.pad_token_id)
+        samples = read_records(samples_file, data.validate_samples) if samples_file.exists() else []
+    seed = params.stage_seed("reward")
+    set_seed(seed)
+    model = load_scalar_model(args.sft, tokenizer.pad_token_id)
     # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
-    checkpoints = Checkpointer.for_stage("reward", config.checkpoint_every, config_part(config), params.seed + 3, PREFS, SFT_MODEL,
-                                         notify=lambda event, fields: emit("reward", event, **fields))
+    checkpoints = ResumeCheckpoints.for_stage("reward", config.resume_every, config_part(config), seed, args.preferences, args.sft,
+                                              notify=lambda event, fields: emit("reward", event, **fields))
     try:
-        metrics = train_reward_model(model, tokenizer, splits["train"], splits["eval"], config, params.seed + 3, progress_logger("reward"), checkpoints)
+        metrics = train_reward_model(model, tokenizer, splits["train"], splits["eval"], config, seed, progress_logger("reward"), checkpoints)
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
     # normalise: SFT samples score mean 0, std 1 (Ziegler et al. 2019); reference answers when there are no samples
@@ -63,11 +80,11 @@ def main() -> None:
         pairs = [(r["prompt"], r["chosen"]) for r in splits["train"][:N_NORMALIZATION_SAMPLES]]
     scores = raw_scores(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs])
     normalization = RewardNormalization(mean=float(scores.mean()), std=float(scores.std().clamp(min=1e-6)))
-    staging = staging_folder(OUT_DIR)
+    staging = staging_folder(args.out)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     normalization.save(staging)
-    replace_folder(staging, OUT_DIR)
+    replace_folder(staging, args.out)
     agreement = annotator_agreement(splits["eval"])
     metrics.update({
         "n_train_pairs": len(splits["train"]),
@@ -77,7 +94,7 @@ def main() -> None:
         "normalization_mean": normalization.mean,
         "normalization_std": normalization.std,
     })
-    data.write_json(METRICS, metrics)
+    write_json(args.metrics, metrics)
     checkpoints.clear()  # the final model is in place: resume state no longer needed
     emit("reward", "metrics", **metrics)
 

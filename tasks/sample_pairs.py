@@ -1,44 +1,58 @@
 """Stage `sample_pairs`: K sampled responses per training prompt from the SFT policy.
 
-    python -m tasks.sample_pairs
+    python -m tasks.sample_pairs --sft models/sft --prompts data/prompts/train.jsonl --out data/pairs \
+        --metrics metrics/sample_pairs.json
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
 from rlhf import data, ppo
 from rlhf.config import load_params
+from rlhf.files import write_json, write_jsonl
 from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
-from rlhf.rollout import generate_responses
+from rlhf.sampling import sample
 from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 
-SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs/samples.jsonl")
+SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs")
 METRICS = Path("metrics/sample_pairs.json")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.sample_pairs", description="Stage sample_pairs.")
+    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder sampled from")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="training prompts (JSONL)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder written: samples.jsonl")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with refuse_bad_input():  # cheap checks only: params, prompts, the SFT folder and its tokenizer
         params = load_params()
         config = params.sample_pairs
-        prompts = read_records(PROMPTS, data.validate_prompts)
-        check_model_dir(SFT_MODEL)
-        tokenizer = load_tokenizer(SFT_MODEL)
-        check_tokenizer_fits_model(tokenizer, SFT_MODEL)
-        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], SFT_MODEL, config.max_new_tokens, str(PROMPTS))
+        prompts = read_records(args.prompts, data.validate_prompts)
+        check_model_dir(args.sft)
+        tokenizer = load_tokenizer(args.sft)
+        check_tokenizer_fits_model(tokenizer, args.sft)
+        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], args.sft, config.max_new_tokens, str(args.prompts))
     prompts = prompts[: config.n_prompts] if config.n_prompts else prompts
-    set_seed(params.seed + 1)
-    policy = load_policy(SFT_MODEL).eval()
+    set_seed(params.stage_seed("sample_pairs"))
+    policy = load_policy(args.sft).eval()
     rows, n_finished = [], 0
     for start in range(0, len(prompts), config.batch_size):
         chunk = [r["prompt"] for r in prompts[start : start + config.batch_size]]
         expanded = [p for p in chunk for _ in range(config.samples_per_prompt)]
         query_ids, query_mask = encode_prompts(tokenizer, expanded)
         with torch.no_grad():
-            raw = generate_responses(policy, query_ids, query_mask, config.max_new_tokens, config.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            raw = sample(policy, query_ids, query_mask, config.max_new_tokens, config.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id).responses
         responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
         n_finished += int(finished.sum())
@@ -51,7 +65,7 @@ def main() -> None:
                 "finished": finished[i * k : (i + 1) * k].tolist(),
             })
         emit("sample_pairs", "progress", step=min(start + config.batch_size, len(prompts)), total=len(prompts))
-    data.write_jsonl(OUT, rows)
+    write_jsonl(args.out / "samples.jsonl", rows)
     n_samples = len(rows) * config.samples_per_prompt
     metrics = {
         "n_prompts": len(rows),
@@ -59,7 +73,7 @@ def main() -> None:
         "eos_rate": n_finished / n_samples,
         "distinct_per_prompt": sum(len(set(r["responses"])) for r in rows) / len(rows),
     }
-    data.write_json(METRICS, metrics)
+    write_json(args.metrics, metrics)
     emit("sample_pairs", "metrics", **metrics)
 
 

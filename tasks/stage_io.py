@@ -1,5 +1,5 @@
 """What every stage program shares and the library must not do: progress lines on stdout, the one-line refusal
-that exits the process, and process-wide malloc tuning (docs/design.md, "Ownership").
+that exits the process, and process-wide malloc tuning (docs/design.md §3).
 
 Progress lines are single-line JSON objects ``@rlhf {"stage": …, "event": …, …}`` so an orchestrator (the Prefect
 flow) can turn them into progress bars and tables while the stage runs; everything else on stdout is plain log text.

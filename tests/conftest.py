@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.workspace import stage_names
 from support import REPO, run_stage, tiny_params, write_params
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def pipeline_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     previous = Path.cwd()
     os.chdir(workspace)
     try:
-        for stage in ("prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"):
+        for stage in stage_names(REPO):  # dvc.yaml order
             run_stage(stage)
     finally:
         os.chdir(previous)

@@ -1,4 +1,4 @@
-"""A stand-in for the Hugging Face Hub: the API subset `huggingface_hub` 2.4 speaks (DESIGN §7), in memory.
+"""A stand-in for the Hugging Face Hub: the API subset `huggingface_hub` 2.4 speaks (docs/design.md §7), in memory.
 
 Written for the publishing tests; it is not the Hub and does not try to be one. It keeps model repositories as
 content-addressed commits (path → file, file = bytes + git blob sha1 + sha256 for LFS files), answers the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,18 +24,10 @@ def tiny_params() -> dict:
     params["sft"].update(steps=60, batch_size=32, warmup_steps=5, eval_every=30)
     params["sample_pairs"].update(n_prompts=48, samples_per_prompt=3)
     params["reward"].update(epochs=1, batch_size=16, warmup_steps=2)
-    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2, checkpoint_every=1)  # 2 checkpoints
-    params["evaluate"].update(n_prompts=8, samples_per_prompt=2, checkpoint_prompts=4, bootstrap_resamples=200)
+    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2,
+                         snapshot_every=1)  # 2 policy snapshots
+    params["evaluate"].update(n_prompts=8, samples_per_prompt=2, snapshot_prompts=4, bootstrap_resamples=200)
     return params
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over every file of ``folder`` (relative paths and bytes): equal digests mean identical folders."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def write_params(folder: Path, params: dict) -> None:
@@ -44,10 +35,10 @@ def write_params(folder: Path, params: dict) -> None:
 
 
 def run_stage(module_name: str) -> None:
-    """Run a stage program's main() in this process (cwd is the workspace)."""
+    """Run a stage program's main() in this process (cwd is the workspace), with its default paths."""
     import importlib
 
-    importlib.import_module(f"tasks.{module_name}").main()
+    importlib.import_module(f"tasks.{module_name}").main([])  # [], not pytest's own command line
 
 
 def git_env() -> dict[str, str]:
@@ -62,7 +53,7 @@ def git_env() -> dict[str, str]:
 def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
     """A fresh git + DVC repository holding the pipeline's code and a tiny params.yaml, committed."""
     repo.mkdir(parents=True, exist_ok=True)
-    for folder in ("rlhf", "tasks", "configs", "flows"):
+    for folder in ("rlhf", "tasks", "configs", "flows", "pipeline"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     if (REPO / "data/human_labels").exists():

@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` of the tiny pipeline in a fresh git repository, then a no-op, then `dvc exp run -S`."""
+"""End to end: `dvc repro` of the tiny pipeline in a fresh git repository, then a no-op, then `dvc exp run -S`;
+then what `dvc status` marks stale after an edit of a library module or of a param."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import git_env, make_tiny_repo
+from pipeline.workspace import stage_names
+from support import REPO, git_env, make_tiny_repo
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"]
+STAGES = stage_names(REPO)  # dvc.yaml order
 
 
 def run(repo: Path, *args: str) -> str:
@@ -58,3 +60,34 @@ def test_changing_a_ppo_param_reruns_only_ppo_evaluate_release(repo: Path) -> No
     assert yaml.safe_load((repo / "params.yaml").read_text())["ppo"]["learning_rate"] == 0.0002
     shown = run(repo, sys.executable, "-m", "dvc", "exp", "show", "--json")
     assert "0.0002" in shown
+
+
+def stale_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` reports changed (their own deps or params; not yet the stages downstream of them)."""
+    return set(json.loads(run(repo, sys.executable, "-m", "dvc", "status", "--json")))
+
+
+def test_dvc_sees_the_code_each_stage_imports(repo: Path) -> None:
+    from test_dvc_deps import sampler_module  # imported by sample_pairs, ppo and evaluate only (their import closures)
+
+    assert stale_stages(repo) == set()  # after the repro and the experiment above
+    module = repo / sampler_module()
+    original = module.read_text()
+    module.write_text(original + "\n# an edit of the sampler\n")
+    try:
+        assert stale_stages(repo) == {"sample_pairs", "ppo", "evaluate"}  # and nothing upstream
+    finally:
+        module.write_text(original)
+    assert stale_stages(repo) == set()
+
+
+def test_a_formerly_hidden_default_is_a_dvc_param(repo: Path) -> None:
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    edited, count = re.subn(r"(?m)^(\s+clip_range:\s*)0\.2\b", r"\g<1>0.3", original)
+    assert count == 1, "params.yaml lists ppo.clip_range"
+    params_file.write_text(edited)
+    try:
+        assert stale_stages(repo) == {"ppo", "release"}  # release: the model card lists all of params.yaml
+    finally:
+        params_file.write_text(original)

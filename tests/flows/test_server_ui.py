@@ -18,7 +18,7 @@ import pytest
 from browser import chromium_path, dump_dom, screenshot
 from server_support import prefect_client_env, ui_root
 from support import REPO, make_tiny_repo
-from flows.stages import stage_order
+from pipeline.workspace import stage_names
 
 pytestmark = pytest.mark.slow
 FLOW_NAME = "rlhf-lifecycle"
@@ -65,7 +65,7 @@ def lifecycle_run(prefect_server: str, tmp_path_factory: pytest.TempPathFactory)
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"rlhf run failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     flow_runs = flow_runs_since(prefect_server, started)
-    stages = stage_order(repo)
+    stages = stage_names(repo)
     task_runs = wait_for_task_runs(prefect_server, flow_runs[0]["id"], len(stages)) if len(flow_runs) == 1 else []
     return {"flow_runs": flow_runs, "task_runs": task_runs, "stages": stages}
 

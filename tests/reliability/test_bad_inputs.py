@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import git_env, write_params
+from pipeline.workspace import stage_names
+from support import REPO, git_env, write_params
 from rlhf import data
+from rlhf.files import write_jsonl
 from tasks.stage_io import PROGRESS_PREFIX
 
 LAUNCHER_ERROR = "subprocess.CalledProcessError"  # `accelerate launch` (without --quiet) re-raises its child's exit code
@@ -50,8 +52,6 @@ def workspace_inventory(root: Path) -> dict[str, str]:
 
 def stage_command(stage: str, workspace: Path) -> list[str]:
     """The stage's command as dvc.yaml writes it, ``${section.key}`` filled from the workspace's params.yaml."""
-    from support import REPO
-
     command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
     params = yaml.safe_load((workspace / "params.yaml").read_text())
 
@@ -80,7 +80,7 @@ def edit_params(workspace: Path, section: str, **values: object) -> None:
 
 
 def edit_rows(path: Path, change: Callable[[list[dict]], list[dict]]) -> None:
-    data.write_jsonl(path, change(data.read_jsonl(path)))
+    write_jsonl(path, change(data.read_jsonl(path)))
 
 
 def set_field(index: int, **values: object) -> Callable[[list[dict]], list[dict]]:
@@ -245,7 +245,7 @@ def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(case: C
 
 def test_the_corpus_covers_every_kind_of_damage_the_issue_names() -> None:
     assert len(CASES) >= 12
-    assert {case.stage for case in CASES} == {"prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"}
+    assert {case.stage for case in CASES} == set(stage_names(REPO))  # every stage of dvc.yaml
 
 
 # ------------------------------------------------------------------------------- the same checks, in process (fast)

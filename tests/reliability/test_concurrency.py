@@ -1,6 +1,6 @@
 """Two runs on one workspace: the second refuses at once (or waits with --wait-for-lock), and nothing is corrupted.
 
-The lock is ``fcntl.flock`` on ``.rlhf/lifecycle.lock`` (rlhf/lock.py), held by `rlhf run/repro/stage/publish`, the
+The lock is ``fcntl.flock`` on ``.rlhf/lifecycle.lock`` (pipeline/lock.py), held by `rlhf run/repro/stage/publish`, the
 lifecycle flow and the retrain flow. Another process holds it in these tests: a small holder script, or a real
 `rlhf stage prepare` run.
 """
@@ -21,18 +21,18 @@ import pytest
 import yaml
 
 from support import git_env, make_tiny_repo, tiny_params, write_params
-from rlhf.lock import LOCK_FILE, WorkspaceBusy, holder_of, lock_path, workspace_lock
+from pipeline.lock import LOCK_FILE, WorkspaceBusy, holder_of, lock_path, workspace_lock
 
 HOLDER_SCRIPT = """
 import sys, time
-from rlhf.lock import workspace_lock
+from pipeline.lock import workspace_lock
 with workspace_lock(sys.argv[1], 0.0, "test holder"):
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
 """
 TRY_SCRIPT = """
 import sys
-from rlhf.lock import WorkspaceBusy, workspace_lock
+from pipeline.lock import WorkspaceBusy, workspace_lock
 try:
     with workspace_lock(sys.argv[1], 0.0, "test probe"):
         print("free")
@@ -67,7 +67,7 @@ def inventory(root: Path) -> dict[str, str]:
 
 
 def rlhf_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf.cli", *args]
+    return [sys.executable, "-m", "pipeline.cli", *args]
 
 
 @pytest.fixture

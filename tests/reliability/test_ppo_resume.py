@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import json
 import os
 import random
@@ -29,8 +28,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import rlhf.ppo_trainer
-from support import REPO, git_env, make_tiny_repo, run_stage, write_params, folder_digest
+import rlhf.ppo_trainer.experience
+from rlhf.files import path_digest
+from support import REPO, git_env, make_tiny_repo, run_stage, write_params
 
 ITERATIONS, RESUME_EVERY, SNAPSHOT_EVERY = 8, 2, 3  # resume checkpoints after 2, 4, 6; policy snapshots 3, 6, 8
 TIMING = {"timing/rollout", "timing/optimise", "timing/iteration", "eps"}  # wall-clock columns of plots/ppo.csv
@@ -51,7 +51,7 @@ def set_ppo(workspace: Path, **values) -> None:
 
 def output_digests(workspace: Path) -> dict[str, str]:
     """Hashes of everything the ppo stage writes."""
-    return {name: folder_digest(workspace / name) if (workspace / name).is_dir() else hashlib.sha256((workspace / name).read_bytes()).hexdigest()
+    return {name: path_digest(workspace / name)
             for name in ("models/policy", "models/policy_checkpoints", "metrics/ppo.json", "plots/ppo.csv")}
 
 
@@ -140,7 +140,7 @@ def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, proces
 
 def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(in_copy_of_workspace: Path) -> None:
     crashed = in_copy_of_workspace
-    set_ppo(crashed, iterations=ITERATIONS, resume_every=RESUME_EVERY, checkpoint_every=SNAPSHOT_EVERY)
+    set_ppo(crashed, iterations=ITERATIONS, resume_every=RESUME_EVERY, snapshot_every=SNAPSHOT_EVERY)
     reference = crashed.parent / "reference"
     shutil.copytree(crashed, reference)
     uninterrupted = run_ppo(reference)
@@ -180,7 +180,7 @@ def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_u
 def test_two_process_ppo_killed_mid_save_resumes_every_rank_and_ends_bitwise_equal(in_copy_of_workspace: Path) -> None:
     """configs/cpu-2proc.yaml: each rank restores its own RNG file; the main process the weights and optimiser."""
     crashed = in_copy_of_workspace
-    set_ppo(crashed, iterations=6, resume_every=RESUME_EVERY, checkpoint_every=SNAPSHOT_EVERY, config_file="configs/cpu-2proc.yaml", num_processes=2)
+    set_ppo(crashed, iterations=6, resume_every=RESUME_EVERY, snapshot_every=SNAPSHOT_EVERY, config_file="configs/cpu-2proc.yaml", num_processes=2)
     reference = crashed.parent / "reference"
     shutil.copytree(crashed, reference)
     run_ppo(reference, processes=2)
@@ -201,7 +201,7 @@ def test_two_process_ppo_killed_mid_save_resumes_every_rank_and_ends_bitwise_equ
 
 def nan_score_in_iteration(iteration: int):
     """collect_experience (called once per iteration) whose ``iteration``-th batch has one NaN reward-model score."""
-    real, calls = rlhf.ppo_trainer.collect_experience, []
+    real, calls = rlhf.ppo_trainer.experience.collect_experience, []
 
     def collect(*args, **kwargs):
         experience = real(*args, **kwargs)
@@ -219,7 +219,7 @@ def test_a_nan_reward_stops_ppo_keeps_the_checkpoint_and_the_previous_outputs_th
     set_ppo(workspace, iterations=4, resume_every=2)
     before = output_digests(workspace)
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:  # not monkeypatch.undo(): that undoes the chdir
-        patch.setattr(rlhf.ppo_trainer, "collect_experience", nan_score_in_iteration(3))
+        patch.setattr(rlhf.ppo_trainer.experience, "collect_experience", nan_score_in_iteration(3))
         run_stage("ppo")
     assert stopped.value.code == 3  # rlhf.guards.EXIT_DIVERGED
     captured = capsys.readouterr()
@@ -346,8 +346,11 @@ def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path,
     """The trained tensors saved are the LoRA adapters (+ critic) or the policy + value head; a resume continues exactly."""
     from accelerate import Accelerator
 
+    from rlhf.checkpoint import ResumeCheckpoints
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import ResumeCheckpoints, load_ppo_models, prepare_training, train_ppo
+    from rlhf.ppo_trainer.loop import train_ppo
+    from rlhf.ppo_trainer.models import load_ppo_models
+    from rlhf.ppo_trainer.optimise import prepare_training
 
     config = PPOConfig(iterations=4, rollout_batch_size=8, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2, **options)
     prompts = [json.loads(line)["prompt"] for line in (pipeline_workspace / "data/prompts/train.jsonl").read_text().splitlines()]

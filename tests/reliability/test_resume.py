@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 import rlhf.checkpoint
 import rlhf.training
-from support import REPO, run_stage, tiny_params, write_params, folder_digest
+from rlhf.files import path_digest
+from support import REPO, run_stage, tiny_params, write_params
 
 SFT_STEPS, SFT_EVERY = 200, 20  # ≈ 12 ms a step with the tiny model: the kill lands well before the end
 RESULT_KEYS_IGNORED = {"seconds", "resumed_from_step"}
@@ -59,7 +60,7 @@ def sft_workspace(source: Path, folder: Path) -> Path:
     for name in ("data/sft", "models/base"):
         shutil.copytree(source / name, folder / name)
     params = tiny_params()
-    params["sft"].update(steps=SFT_STEPS, checkpoint_every=SFT_EVERY, eval_every=50)
+    params["sft"].update(steps=SFT_STEPS, resume_every=SFT_EVERY, eval_every=50)
     write_params(folder, params)
     return folder
 
@@ -129,7 +130,7 @@ class Crash(BaseException):
 def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                                         capsys: pytest.CaptureFixture) -> None:
     workspace = in_copy_of_workspace
-    set_params(workspace, reward={"epochs": 3, "checkpoint_every": 5})
+    set_params(workspace, reward={"epochs": 3, "resume_every": 5})
     run_stage("reward")
     reference = workspace / "reference"
     shutil.copytree(workspace / "models/reward", reference)
@@ -166,7 +167,7 @@ def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(in_copy_o
 
 def test_a_checkpoint_made_with_other_params_is_discarded(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
-    set_params(in_copy_of_workspace, reward={"checkpoint_every": 3})
+    set_params(in_copy_of_workspace, reward={"resume_every": 3})
     real_save = rlhf.checkpoint.save_checkpoint
 
     def dies_after_the_first_save(*args, **kwargs):
@@ -205,31 +206,31 @@ def nan_on_training_call(function, call: int):
     return wrapped
 
 
+def diverged_stage_stderr(workspace: Path, stage: str, capsys: pytest.CaptureFixture) -> str:
+    """Run ``stage``, which must stop with exit 3 (diverged) and leave its previous model and metrics as they were."""
+    outputs = lambda: (path_digest(workspace / f"models/{stage}"), (workspace / f"metrics/{stage}.json").read_text())  # noqa: E731
+    before = outputs()
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(stage)
+    assert stopped.value.code == 3
+    assert outputs() == before
+    return capsys.readouterr().err
+
+
 def test_a_nan_sft_loss_stops_the_stage_keeps_the_checkpoint_and_the_previous_model(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                                                       capsys: pytest.CaptureFixture) -> None:
     workspace = in_copy_of_workspace
-    set_params(workspace, sft={"checkpoint_every": 5})
-    before = folder_digest(workspace / "models/sft"), (workspace / "metrics/sft.json").read_text()
+    set_params(workspace, sft={"resume_every": 5})
     monkeypatch.setattr(rlhf.training, "sft_loss", nan_on_training_call(rlhf.training.sft_loss, call=8))
-    with pytest.raises(SystemExit) as stopped:
-        run_stage("sft")
-    assert stopped.value.code == 3
-    error = capsys.readouterr().err
+    error = diverged_stage_stderr(workspace, "sft", capsys)
     assert "sft: non-finite loss (nan) at step 8" in error and "sft.learning_rate" in error
     assert "last good checkpoint (step 5)" in error
-    assert (folder_digest(workspace / "models/sft"), (workspace / "metrics/sft.json").read_text()) == before
     assert json.loads((workspace / ".rlhf/checkpoints/sft/latest.json").read_text())["step"] == 5
 
 
 def test_non_finite_reward_scores_stop_the_stage_and_leave_the_previous_reward_model(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                                                      capsys: pytest.CaptureFixture) -> None:
-    workspace = in_copy_of_workspace
-    before = folder_digest(workspace / "models/reward"), (workspace / "metrics/reward.json").read_text()
     monkeypatch.setattr(rlhf.training, "pair_scores", nan_on_training_call(rlhf.training.pair_scores, call=2))
-    with pytest.raises(SystemExit) as stopped:
-        run_stage("reward")
-    assert stopped.value.code == 3
-    error = capsys.readouterr().err
+    error = diverged_stage_stderr(in_copy_of_workspace, "reward", capsys)
     assert "reward: non-finite chosen_scores (inf) at step 2" in error and "reward.learning_rate" in error
     assert "no checkpoint was saved" in error
-    assert (folder_digest(workspace / "models/reward"), (workspace / "metrics/reward.json").read_text()) == before

@@ -106,7 +106,7 @@ def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(tmp_path: Path
         env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}
         env.update(git_env(), HF_TOKEN=PLANTED, HF_ENDPOINT=hub.endpoint, PYTHONPATH=str(REPO))
         env.pop("HF_HUB_OFFLINE", None)
-        cli = subprocess.run([sys.executable, "-m", "rlhf.cli", "publish", "--repo-id", "org/secret-scan-cli", "--min-value", "0"],
+        cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", "--repo-id", "org/secret-scan-cli", "--min-value", "0"],
                              cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert decision["ran"] and decision["promoted"] and decision["published"]["created_commit"], decision
     assert cli.returncode == 0, cli.stderr

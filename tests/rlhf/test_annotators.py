@@ -136,7 +136,11 @@ def test_load_callable_errors_name_the_spec(spec):
 
 
 def test_make_annotator():
-    annotator = make_annotator("simulated", "rlhf.embedded:gold_score", temperature=0.5, flip_prob=0.1, seed=3)
+    annotator = make_annotator("rlhf.embedded:gold_score", temperature=0.5, flip_prob=0.1, seed=3)
     assert annotator == SimulatedAnnotator(gold_score, temperature=0.5, flip_prob=0.1, seed=3)
-    with pytest.raises(ValueError, match="simulated"):
-        make_annotator("human", "rlhf.embedded:gold_score", temperature=1.0, flip_prob=0.0, seed=0)
+    # the same draws as an annotator built directly: the RNG is seeded once, from `seed`
+    direct = SimulatedAnnotator(gold_score, temperature=0.5, flip_prob=0.1, seed=3)
+    draws = [annotator.prefer_first_by_margin(0.2) for _ in range(50)]
+    assert draws == [direct.prefer_first_by_margin(0.2) for _ in range(50)]
+    with pytest.raises(ValueError, match="no_such_module"):
+        make_annotator("no_such_module:gold", temperature=1.0, flip_prob=0.0, seed=0)

@@ -1,4 +1,4 @@
-"""Single-process bf16 training with fp32 master weights (rlhf.ppo_trainer.Bf16Weights)."""
+"""Single-process bf16 training with fp32 master weights (rlhf.ppo_trainer.memory.Bf16Weights)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from accelerate.state import AcceleratorState
 from rlhf import embedded
 from rlhf.config import PPOConfig, TinyModelConfig
 from rlhf.modeling import RewardNormalization, build_tiny_gpt2, load_scalar_model
-from rlhf.ppo_trainer import Bf16Weights, PPOModels, prepare_training, train_ppo
+from rlhf.ppo_trainer.loop import train_ppo
+from rlhf.ppo_trainer.memory import Bf16Weights
+from rlhf.ppo_trainer.models import PPOModels
+from rlhf.ppo_trainer.optimise import prepare_training
 
 PROMPTS = ["the plot was", "the music was very lovely and the cast was", "the film was", "the ending was dull but the script was"]
 

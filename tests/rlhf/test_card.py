@@ -1,41 +1,28 @@
-"""Model card: model-index numbers copied from the metrics, lineage from dvc.lock (deps and outs)."""
+"""Model card: model-index numbers copied from the metrics, lineage (as pipeline/lineage.py reads it) as a table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from huggingface_hub import ModelCard
 
-from rlhf.card import build_model_card, lineage_from_lock
+from rlhf.card import build_model_card
 
 EVALUATION = {"gold_win_rate": 0.8125, "gold_win_rate_ci_low": 0.71, "gold_win_rate_ci_high": 0.9, "rm_score_policy": 1.25,
               "kl_to_ref": 3.5, "valid_rate_policy": 0.96875, "n_samples": 32, "kl_in_target_band": True}
-LOCK = {"schema": "2.0", "stages": {
-    "ppo": {"cmd": "accelerate launch -m tasks.ppo",
-            "deps": [{"path": "models/sft", "md5": "aaa.dir", "size": 1, "nfiles": 3}, {"path": "tasks/ppo.py", "md5": "bbb", "size": 2}],
-            "outs": [{"path": "models/policy", "md5": "ccc.dir", "size": 3, "nfiles": 3}]},
-    "evaluate": {"cmd": "python -m tasks.evaluate", "deps": [{"path": "models/policy", "md5": "ccc.dir"}], "outs": []}}}
+LINEAGE = {"ppo": {"deps": {"models/sft": "aaa.dir", "tasks/ppo.py": "bbb"}, "outs": {"models/policy": "ccc.dir"}},
+           "evaluate": {"deps": {"models/policy": "ccc.dir"}, "outs": {}}, "missing": {"deps": {}, "outs": {}}}
 
 
 def card_for(tmp_path: Path) -> ModelCard:
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
     card = build_model_card(
         model_name="tiny", license="apache-2.0", language="en", base_model="gpt2", datasets=["embedded"],
         evaluation=EVALUATION, reward={"accuracy": 0.75}, ppo={"iterations": 2}, params={"seed": 0},
-        git_commit="0123abc", lineage=lineage_from_lock(tmp_path / "dvc.lock", ["ppo", "evaluate", "missing"]),
+        git_commit="0123abc", lineage=LINEAGE,
         samples_markdown="| prompt |\n", overoptimization=[{"step": "0", "rm_score": "0.5", "gold_score": "0.25", "kl": "0.0"}],
         plots=["ppo_training.png", "overoptimization.png"])
     card.save(tmp_path / "README.md")
     return ModelCard.load(tmp_path / "README.md")
-
-
-def test_lineage_records_the_hash_of_every_dep_and_out(tmp_path: Path) -> None:
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
-    lineage = lineage_from_lock(tmp_path / "dvc.lock", ["ppo", "missing"])
-    assert lineage["ppo"] == {"deps": {"models/sft": "aaa.dir", "tasks/ppo.py": "bbb"}, "outs": {"models/policy": "ccc.dir"}}
-    assert lineage["missing"] == {"deps": {}, "outs": {}}
-    assert lineage_from_lock(tmp_path / "absent.lock", ["ppo"]) == {}
 
 
 def test_card_model_index_quotes_the_evaluation_metrics(tmp_path: Path) -> None:
@@ -55,3 +42,10 @@ def test_card_body_has_lineage_plots_and_sections(tmp_path: Path) -> None:
     assert "0.71–0.9" in text  # the interval in the summary, from evaluate.json
     for heading in ("## Training parameters", "## Lineage", "## How to load and generate", "## Limitations"):
         assert heading in text
+
+
+def test_card_without_lineage_says_it_was_not_built_by_dvc(tmp_path: Path) -> None:
+    card = build_model_card(
+        model_name="tiny", license="apache-2.0", language="en", base_model="embedded", datasets=["embedded"],
+        evaluation={}, reward={}, ppo={}, params={}, git_commit="unknown", lineage={}, samples_markdown="")
+    assert "- no `dvc.lock`: this folder was not built by `dvc repro`" in card.text

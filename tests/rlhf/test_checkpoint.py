@@ -14,7 +14,8 @@ import torch
 from rlhf import checkpoint as ckpt
 from rlhf.checkpoint import (
     CheckpointError,
-    Checkpointer,
+    Processes,
+    ResumeCheckpoints,
     capture_rng,
     clear,
     config_part,
@@ -32,7 +33,7 @@ from rlhf.guards import NonFiniteError, first_non_finite, require_finite
 class Cfg:
     steps: int = 10
     learning_rate: float = 1e-3
-    checkpoint_every: int = 5
+    resume_every: int = 5
 
 
 def trained_state(seed: int = 0) -> dict:
@@ -71,7 +72,7 @@ def test_fingerprint_is_stable_and_sees_params_seed_and_input_contents(tmp_path:
     base = fingerprint(config_part(Cfg()), 0, data)
     assert base == fingerprint(config_part(Cfg()), 0, data) and len(base) == 64
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})  # key order does not matter
-    assert fingerprint(config_part(Cfg(checkpoint_every=50)), 0, data) == base  # how often to save: not a result input
+    assert fingerprint(config_part(Cfg(resume_every=50)), 0, data) == base  # how often to save: not a result input
     assert fingerprint(config_part(Cfg(learning_rate=2e-3)), 0, data) != base
     assert fingerprint(config_part(Cfg()), 1, data) != base
     (data / "a.jsonl").write_text('{"x": 2}\n')
@@ -229,16 +230,45 @@ def test_per_rank_rng_files_are_written_by_every_rank_and_read_back_by_each(tmp_
 
 def test_checkpointer_saves_every_n_steps_but_not_at_the_end_and_reports_events(tmp_path: Path) -> None:
     events: list[tuple[str, dict]] = []
-    saver = Checkpointer(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
+    saver = ResumeCheckpoints(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
     assert [step for step in range(0, 16) if saver.due(step, 15)] == [5, 10]
-    assert not Checkpointer(tmp_path / "off", "fp", every=0).due(5, 15)
+    assert not ResumeCheckpoints(tmp_path / "off", "fp", every=0).due(5, 15)
     assert saver.resume() is None and "no checkpoint" in saver.kept()
     saver.save(10, {"w": torch.ones(1)})
-    again = Checkpointer(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
+    again = ResumeCheckpoints(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
     assert again.resume()[0] == 10 and "step 10" in again.kept()
     assert [(e, f["step"]) for e, f in events] == [("checkpoint", 10), ("resumed", 10)]
     again.clear()
     assert not (tmp_path / "ck").exists()
+
+
+def test_the_same_manager_serves_several_processes_each_restoring_its_own_rng(tmp_path: Path) -> None:
+    """Two ranks, run in turn here (barriers are no-ops): every rank writes its RNG file, the main one state.pt;
+    only the main process reports; a vetoed checkpoint or an unsupported launch starts fresh."""
+    folder, events = tmp_path / "ck", []
+
+    def manager(rank: int) -> ResumeCheckpoints:
+        return ResumeCheckpoints(folder, "fp", every=2, notify=lambda event, fields: events.append((rank, event)),
+                                 processes=Processes(rank, 2, gather=lambda step: [step, step]))
+
+    generators = [torch.Generator().manual_seed(10 + rank) for rank in range(2)]
+    for rank in (1, 0):  # the main process saves state.pt once every rank's RNG file is in place
+        manager(rank).save(4, lambda: {"w": torch.ones(1), "extras": {"note": "x"}}, {"shuffle": generators[rank]})
+    assert sorted(p.name for p in (folder / "step-4").iterdir()) == ["meta.json", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    expected = [torch.rand(2, generator=generator).tolist() for generator in generators]
+    for rank in (0, 1):
+        resumed, generator = manager(rank), torch.Generator()
+        assert resumed.open() == {"note": "x"} and resumed.resume()[0] == 4 and resumed.state is None  # handed over once
+        resumed.load_rng({"shuffle": generator})
+        assert torch.rand(2, generator=generator).tolist() == expected[rank]
+    assert events == [(0, "checkpoint"), (0, "resumed")]
+    assert manager(0).open(validate=lambda extras: "a file it relies on is gone") is None and not folder.exists()
+    assert events[-1] == (0, "checkpoint_discarded")
+    unsupported = manager(0)
+    assert unsupported.open(unsupported="sharded state") is None and unsupported.every == 0 and events[-1] == (0, "checkpoint_unsupported")
+    single = ResumeCheckpoints(tmp_path / "one", "fp", every=2, notify=lambda event, fields: None)  # SFT, reward: no RNG files
+    single.save(2, {"rng": capture_rng()})
+    assert sorted(p.name for p in (tmp_path / "one" / "step-2").iterdir()) == ["meta.json", "state.pt"]
 
 
 # ---------------------------------------------------------------------------------------------------------- guards

@@ -51,7 +51,10 @@ def record_gradient_syncs(module: torch.nn.Module, accelerator) -> list[int]:
 def worker(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> None:
     """Run train_ppo as the stage does; every rank saves its trained weights, world size and gradient syncs."""
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models, make_accelerator, prepare_training, train_ppo
+    from rlhf.ppo_trainer.loop import train_ppo
+    from rlhf.ppo_trainer.models import load_ppo_models
+    from rlhf.ppo_trainer.optimise import prepare_training
+    from rlhf.ppo_trainer.processes import make_accelerator
 
     config = PPOConfig(**{**CONFIG, **(overrides or {})}, config_file=str(REPO / profile), num_processes=num_processes)
     accelerator = make_accelerator(config)  # refuses a world size other than num_processes
@@ -170,7 +173,7 @@ def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(
 def build_initial_parameters(workdir: Path) -> dict[str, torch.Tensor]:
     """The trainable module's parameters before training, named as in the workers' results."""
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models, trainable_module
+    from rlhf.ppo_trainer.models import load_ppo_models, trainable_module
 
     models = load_ppo_models(PPOConfig(), workdir / "sft", workdir / "reward")
     return {name: p.detach() for name, p in trainable_module(models).named_parameters()}
@@ -180,7 +183,7 @@ def build_initial_parameters(workdir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_inverse_cdf_sampling_picks_the_first_token_whose_cumulative_probability_exceeds_u() -> None:
-    from rlhf.ppo_trainer import inverse_cdf_sample
+    from rlhf.sampling import inverse_cdf_sample
 
     # probabilities 0.2, 0.5, 0.3, 0 → cumulative 0.2, 0.7, 1.0, 1.0
     logits = torch.tensor([0.2, 0.5, 0.3, 0.0]).log().expand(5, 4)
@@ -191,7 +194,7 @@ def test_inverse_cdf_sampling_picks_the_first_token_whose_cumulative_probability
 
 
 def test_token_weight_makes_the_gradient_a_mean_over_the_global_minibatch_tokens() -> None:
-    from rlhf.ppo_trainer import token_weight
+    from rlhf.ppo_trainer.processes import token_weight
 
     # 2 processes × 2 micro-batches holding 3, 9, 6, 6 of 24 tokens: each micro-batch mean m_i enters as
     # m_i · weight_i / (N·G) = (sum_i / n_i) · (4 · n_i / 24) / 4 = sum_i / 24
@@ -200,7 +203,7 @@ def test_token_weight_makes_the_gradient_a_mean_over_the_global_minibatch_tokens
 
 
 def test_gathered_episodes_return_to_global_order() -> None:
-    from rlhf.ppo_trainer import global_episode_order, shard_for_rank
+    from rlhf.ppo_trainer.processes import global_episode_order, shard_for_rank
 
     episodes = list(range(6))
     gathered = shard_for_rank(episodes, 0, 2) + shard_for_rank(episodes, 1, 2)  # [0, 2, 4, 1, 3, 5]
@@ -211,7 +214,7 @@ def test_gathered_episodes_return_to_global_order() -> None:
 
 def test_a_launch_with_fewer_processes_than_ppo_num_processes_is_refused(tmp_path: Path) -> None:
     from rlhf.config import ConfigError, PPOConfig
-    from rlhf.ppo_trainer import make_accelerator
+    from rlhf.ppo_trainer.processes import make_accelerator
 
     with pytest.raises(ConfigError, match="ppo.num_processes is 2 but this process runs in a world of 1"):
         make_accelerator(PPOConfig(num_processes=2, config_file=str(REPO / "configs/cpu-2proc.yaml")))
@@ -230,7 +233,9 @@ def train_one_iteration(workdir: Path, **options):
     from accelerate import Accelerator
 
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models, prepare_training, train_ppo
+    from rlhf.ppo_trainer.loop import train_ppo
+    from rlhf.ppo_trainer.models import load_ppo_models
+    from rlhf.ppo_trainer.optimise import prepare_training
 
     config = PPOConfig(iterations=1, rollout_batch_size=8, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2, **options)
     accelerator = Accelerator(cpu=True)
@@ -243,21 +248,21 @@ def train_one_iteration(workdir: Path, **options):
 def sft_and_policy_logprobs(workdir: Path, models) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs of fixed responses under the SFT model, the LoRA policy's reference (adapter off) and the policy."""
     from rlhf.modeling import encode_prompts, load_policy
-    from rlhf.ppo_trainer import reference_logprobs
+    from rlhf.ppo_trainer.experience import reference_logprobs
     from rlhf.rollout import response_logprobs
 
     query_ids, query_mask = encode_prompts(models.tokenizer, ["the plot was", "the music was very"])
     responses = torch.tensor([[5, 9, 12], [7, 7, 3]])
     args = (query_ids, query_mask, responses, torch.ones_like(responses, dtype=torch.bool))
     with torch.no_grad():
-        sft = response_logprobs(load_policy(workdir / "sft"), *args, 1.0)[0]
+        sft = response_logprobs(load_policy(workdir / "sft"), *args, 1.0)
         reference = reference_logprobs(models, models.policy, *args, 1.0)
-        policy = response_logprobs(models.policy, *args, 1.0)[0]
+        policy = response_logprobs(models.policy, *args, 1.0)
     return sft, reference, policy
 
 
 def test_lora_policy_is_its_own_reference_and_exports_a_plain_merged_model(tiny_workdir: Path) -> None:
-    from rlhf.ppo_trainer import export_policy
+    from rlhf.ppo_trainer.processes import export_policy
 
     models, prepared, accelerator = train_one_iteration(tiny_workdir, lora_rank=4, lora_alpha=8)
     assert models.reference is None  # no second copy of the policy
@@ -274,7 +279,7 @@ def test_value_head_on_the_policy_trunk_replaces_the_critic(tiny_workdir: Path) 
     from rlhf.modeling import load_scalar_model
 
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import load_ppo_models
+    from rlhf.ppo_trainer.models import load_ppo_models
 
     reward_head = load_scalar_model(tiny_workdir / "reward").score.weight.detach().clone()
     initial = load_ppo_models(PPOConfig(value_model="head"), tiny_workdir / "sft", tiny_workdir / "reward").value_head

@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rlhf import lean_gpt2
+from rlhf.sampling import lean_sample
 
 
 def tiny_config(**overrides) -> GPT2Config:
@@ -77,7 +78,7 @@ def test_sampler_logprobs_equal_a_full_forward_and_rows_stop_at_eos() -> None:
     with torch.no_grad():
         model.lm_head.weight[1] *= 0  # EOS equally likely as others: some rows end early
     generator = torch.Generator().manual_seed(3)
-    out = lean_gpt2.sample(model, query, query_mask, 12, 0.7, eos_token_id=1, pad_token_id=0, generator=generator, keep_hidden=True)
+    out = lean_sample(model, query, query_mask, 12, 0.7, eos_token_id=1, pad_token_id=0, generator=generator, keep_hidden=True)
     t = out.responses.shape[1]
     ended_at = [(row == 1).nonzero()[0].item() if (row == 1).any() else None for row in out.responses]
     assert (out.responses[:, 0] != 1).all()
@@ -103,8 +104,8 @@ def test_inverse_cdf_sampling_is_a_function_of_the_uniforms() -> None:
     model = GPT2LMHeadModel(tiny_config()).eval()
     query = torch.tensor([[0, 4, 5], [6, 7, 8]])
     uniforms = torch.rand(2, 6)
-    both = lean_gpt2.sample(model, query, (query != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms).responses
-    alone = lean_gpt2.sample(model, query[1:], (query[1:] != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms[1:]).responses
+    both = lean_sample(model, query, (query != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms).responses
+    alone = lean_sample(model, query[1:], (query[1:] != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms[1:]).responses
     assert torch.equal(both[1, : alone.shape[1]], alone[0])
 
 

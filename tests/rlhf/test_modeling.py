@@ -49,9 +49,9 @@ def test_response_logprobs_do_not_depend_on_left_padding_of_the_query(tiny_model
     query_ids, query_mask = left_pad(queries, PAD)
     responses = torch.tensor([[7, 8, 1], [9, 2, PAD]])
     response_mask = torch.tensor([[True, True, True], [True, True, False]])
-    batched, _ = response_logprobs(policy, query_ids, query_mask, responses, response_mask, temperature=0.7)
+    batched = response_logprobs(policy, query_ids, query_mask, responses, response_mask, temperature=0.7)
     for row, query in enumerate(queries):
-        alone, _ = response_logprobs(policy, torch.tensor([query]), torch.ones(1, len(query), dtype=torch.long),
+        alone = response_logprobs(policy, torch.tensor([query]), torch.ones(1, len(query), dtype=torch.long),
                                      responses[row : row + 1], response_mask[row : row + 1], temperature=0.7)
         valid = response_mask[row]
         torch.testing.assert_close(batched[row][valid], alone[0][valid], atol=1e-5, rtol=0)

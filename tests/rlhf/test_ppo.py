@@ -36,7 +36,7 @@ def close(actual: torch.Tensor, expected, atol: float = 1e-5) -> None:
     torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
-# --- clipped surrogate and policy loss (DESIGN §4.1) -------------------------------------------------------------
+# --- clipped surrogate and policy loss (docs/design.md §4.1) -----------------------------------------------------
 
 # The three seed cases, ε = 0.2:
 #   A = +1.5, r = 1.5: min(2.25, 1.2·1.5 = 1.80) = 1.80   (clipped term active)
@@ -72,7 +72,7 @@ def test_policy_loss_is_negated_masked_mean_with_stats_and_gradients():
     close(logprobs.grad, [[0.0, -0.55, 0.40, 0.0]])
 
 
-# --- value loss (DESIGN §4.2) ------------------------------------------------------------------------------------
+# --- value loss (docs/design.md §4.2) ----------------------------------------------------------------------------
 
 
 def test_value_loss_takes_the_larger_of_clipped_and_unclipped_error():
@@ -96,7 +96,7 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped_error():
     close(values.grad, [[0.0, -1 / 6, 1 / 30, 0.0]])
 
 
-# --- GAE (DESIGN §4.3) -------------------------------------------------------------------------------------------
+# --- GAE (docs/design.md §4.3) -----------------------------------------------------------------------------------
 
 REWARDS = torch.tensor([[0.0, 0.0, 1.0]])
 VALUES = torch.tensor([[0.5, 0.2, 0.4]])
@@ -140,7 +140,7 @@ def test_gae_padding_gets_zero_and_does_not_leak():
     close(returns, [[0.45, 0.7, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
 
 
-# --- masked statistics and whitening (DESIGN §4.3, §4.6) ---------------------------------------------------------
+# --- masked statistics and whitening (docs/design.md §4.3, §4.6) -------------------------------------------------
 
 # Left-padding-like masks: the valid values are 1..7, the padded slots hold 1e6.
 STAT_VALUES = torch.tensor([[PAD, PAD, 1.0, 2.0, 3.0], [PAD, 4.0, 5.0, 6.0, 7.0]])
@@ -225,7 +225,7 @@ def test_masked_mean_all_reduce_needs_a_scalar_reduction():
         masked_mean(STAT_VALUES, STAT_MASK, dim=-1, all_reduce_sum=lambda x: x)
 
 
-# --- log-probs and entropy (DESIGN §4.6) -------------------------------------------------------------------------
+# --- log-probs and entropy (docs/design.md §4.6) -----------------------------------------------------------------
 
 
 def test_logprobs_divide_logits_by_temperature():
@@ -261,7 +261,7 @@ def test_entropy_from_logits():
     assert torch.isfinite(banned.grad).all()
 
 
-# --- KL estimators (DESIGN §4.4) ---------------------------------------------------------------------------------
+# --- KL estimators (docs/design.md §4.4) -------------------------------------------------------------------------
 
 
 def test_kl_k1_and_k3_hand_values():
@@ -283,7 +283,7 @@ def test_k3_is_never_negative():
     assert (kl_per_token(logprobs, ref_logprobs, "k1") < 0).any()
 
 
-# --- KL controllers (DESIGN §4.4) --------------------------------------------------------------------------------
+# --- KL controllers (docs/design.md §4.4) ------------------------------------------------------------------------
 
 
 def test_adaptive_kl_controller_hand_updates():
@@ -308,7 +308,7 @@ def test_fixed_kl_controller_and_factory():
     assert isinstance(adaptive, AdaptiveKLController) and adaptive.value == 0.05
 
 
-# --- stop tokens, positions and rewards (DESIGN §4.4, §4.5) ------------------------------------------------------
+# --- stop tokens, positions and rewards (docs/design.md §4.4, §4.5) ----------------------------------------------
 
 EOS, PAD_ID = 2, 0
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from support import run_stage, tiny_params, write_params, folder_digest
+from rlhf.files import path_digest, write_jsonl
+from support import run_stage, tiny_params, write_params
 from rlhf import data
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer
 from rlhf.training import raw_scores
@@ -52,7 +53,8 @@ def real_sources(pipeline_workspace: Path, tmp_path: Path, monkeypatch: pytest.M
     workspace = tmp_path / "ws"
     workspace.mkdir()
     params = tiny_params()
-    params["prepare"].update(base_model=str(local_model), max_prompt_tokens=40)
+    # the embedded corpus sizes and model shape have no effect with a real model and dataset: their defaults
+    params["prepare"] = {"base_model": str(local_model), "max_prompt_tokens": 40}
     write_params(workspace, params)
     monkeypatch.chdir(workspace)
     return workspace
@@ -64,7 +66,7 @@ def hh_row(question: str, good: str, bad: str) -> dict:
 
 def test_prepare_loads_a_real_model_and_an_hh_rlhf_dataset(real_sources: Path) -> None:
     rows = [hh_row(f"was the plot good {i}", "the plot was lovely .", "the plot was dull .") for i in range(20)]
-    data.write_jsonl(real_sources / "hh.jsonl", rows)
+    write_jsonl(real_sources / "hh.jsonl", rows)
     set_params(real_sources, prepare={"dataset": str(real_sources / "hh.jsonl"), "eval_fraction": 0.2})
     run_stage("prepare")
     train = data.read_jsonl(real_sources / "data/sft/train.jsonl")
@@ -75,7 +77,7 @@ def test_prepare_loads_a_real_model_and_an_hh_rlhf_dataset(real_sources: Path) -
 
 def test_prepare_rejects_a_prompt_longer_than_allowed_before_loading_the_model(real_sources: Path, capsys) -> None:
     rows = [{"prompt": "the plot was", "response": " lovely ."}] * 10 + [{"prompt": "the plot was " * 30, "response": " dull ."}]
-    data.write_jsonl(real_sources / "demos.jsonl", rows)
+    write_jsonl(real_sources / "demos.jsonl", rows)
     set_params(real_sources, prepare={"dataset": str(real_sources / "demos.jsonl"), "eval_fraction": 0.5})
     with pytest.raises(SystemExit):
         run_stage("prepare")
@@ -85,7 +87,7 @@ def test_prepare_rejects_a_prompt_longer_than_allowed_before_loading_the_model(r
 
 
 def test_prepare_names_the_missing_column(real_sources: Path, capsys) -> None:
-    data.write_jsonl(real_sources / "qa.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    write_jsonl(real_sources / "qa.jsonl", [{"question": "q", "answer": "a"}] * 4)
     set_params(real_sources, prepare={"dataset": str(real_sources / "qa.jsonl")})
     with pytest.raises(SystemExit):
         run_stage("prepare")
@@ -128,7 +130,7 @@ def test_label_imports_an_ultrafeedback_style_dataset(in_copy_of_workspace: Path
         return [{"role": "user", "content": "review the film"}, {"role": "assistant", "content": answer}]
 
     rows = [{"prompt": "review the film", "chosen": conversation(f"great {i}"), "rejected": conversation(f"bad {i}"), "score_chosen": 9.0, "score_rejected": 2.0} for i in range(30)]
-    data.write_jsonl(in_copy_of_workspace / "uf.jsonl", rows)
+    write_jsonl(in_copy_of_workspace / "uf.jsonl", rows)
     set_params(in_copy_of_workspace, label={"annotator": "dataset", "dataset": str(in_copy_of_workspace / "uf.jsonl")})
     run_stage("label")
     records = data.read_jsonl(in_copy_of_workspace / "data/preferences/train.jsonl") + data.read_jsonl(in_copy_of_workspace / "data/preferences/eval.jsonl")
@@ -141,19 +143,19 @@ def test_label_imports_an_ultrafeedback_style_dataset(in_copy_of_workspace: Path
 
 
 def test_reward_rejects_a_malformed_preference_file_without_touching_the_model(in_copy_of_workspace: Path, capsys) -> None:
-    before = folder_digest(in_copy_of_workspace / "models/reward")
+    before = path_digest(in_copy_of_workspace / "models/reward")
     path = in_copy_of_workspace / "data/preferences/train.jsonl"
     path.write_text(path.read_text() + '{"prompt": "the plot was", "chosen": \n')
     with pytest.raises(SystemExit):
         run_stage("reward")
     message = capsys.readouterr().err
     assert "data/preferences/train.jsonl" in message and "line" in message
-    assert folder_digest(in_copy_of_workspace / "models/reward") == before
+    assert path_digest(in_copy_of_workspace / "models/reward") == before
 
 
 def test_reward_rejects_preferences_missing_a_field(in_copy_of_workspace: Path, capsys) -> None:
     path = in_copy_of_workspace / "data/preferences/eval.jsonl"
-    data.write_jsonl(path, [{"prompt": "the plot was", "chosen": " lovely ."}])
+    write_jsonl(path, [{"prompt": "the plot was", "chosen": " lovely ."}])
     with pytest.raises(SystemExit):
         run_stage("reward")
     message = capsys.readouterr().err
@@ -192,17 +194,17 @@ def test_ppo_updates_the_policy_and_logs_the_usual_metrics(pipeline_workspace: P
     assert any(not torch.equal(policy[k], sft[k]) for k in policy)
 
 
-def test_checkpoint_steps_are_every_n_iterations_and_the_last() -> None:
+def test_snapshot_steps_are_every_n_iterations_and_the_last() -> None:
     from rlhf.config import PPOConfig
-    from tasks.ppo import checkpoint_steps
+    from rlhf.ppo_trainer.snapshots import snapshot_steps
 
-    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=15)) == {15, 30, 45, 60}
-    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=25)) == {25, 50, 60}
-    assert checkpoint_steps(PPOConfig(iterations=60, checkpoint_every=0)) == {60}  # 0 = only the final policy
+    assert snapshot_steps(PPOConfig(iterations=60, snapshot_every=15)) == {15, 30, 45, 60}
+    assert snapshot_steps(PPOConfig(iterations=60, snapshot_every=25)) == {25, 50, 60}
+    assert snapshot_steps(PPOConfig(iterations=60, snapshot_every=0)) == {60}  # 0 = only the final policy
 
 
-def test_ppo_saves_a_policy_checkpoint_every_checkpoint_every_iterations(pipeline_workspace: Path) -> None:
-    # tiny params: 2 iterations, checkpoint_every 1 → step-1 and step-2; the last is the final policy
+def test_ppo_saves_a_policy_snapshot_every_snapshot_every_iterations(pipeline_workspace: Path) -> None:
+    # tiny params: 2 iterations, snapshot_every 1 → step-1 and step-2; the last is the final policy
     folder = pipeline_workspace / "models/policy_checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2"]
     final = load_file(pipeline_workspace / "models/policy/model.safetensors")
@@ -280,12 +282,12 @@ def test_release_folder_is_loadable_and_its_card_quotes_the_metrics(pipeline_wor
 
 
 def test_ppo_refuses_a_prompt_that_leaves_no_room_to_answer_before_training(in_copy_of_workspace: Path, capsys) -> None:
-    before = folder_digest(in_copy_of_workspace / "models/policy")
+    before = path_digest(in_copy_of_workspace / "models/policy")
     path = in_copy_of_workspace / "data/prompts/train.jsonl"
     rows = data.read_jsonl(path)
-    data.write_jsonl(path, rows + [{"prompt": "the plot was lovely and " * 12 + "the plot was"}])
+    write_jsonl(path, rows + [{"prompt": "the plot was lovely and " * 12 + "the plot was"}])
     with pytest.raises(SystemExit):
         run_stage("ppo")
     message = capsys.readouterr().err
     assert "data/prompts/train.jsonl" in message and f"row {len(rows)}" in message
-    assert folder_digest(in_copy_of_workspace / "models/policy") == before
+    assert path_digest(in_copy_of_workspace / "models/policy") == before

@@ -23,7 +23,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hub_server import HubServer
-from rlhf.hub import GateFailed, publish_release, release_tag
+from pipeline.hub import GateFailed, publish_release, release_tag
 from support import REPO
 
 TOKEN = "hf_" + secrets.token_hex(16)  # a fresh secret per run: any occurrence of it is a leak
@@ -81,7 +81,7 @@ def test_client_skips_unchanged_files_without_the_tree_check(hub: HubServer, wor
     """The second line of idempotence: preupload returns `oid`s, so the client itself makes no empty commit."""
     release = workspace / "models/release"
     publish_release(release, "org/oids", token=TOKEN, gate_metrics=PASSING, gate=("gold_win_rate", 0.5))
-    monkeypatch.setattr("rlhf.hub.remote_holds", lambda *args, **kwargs: False)
+    monkeypatch.setattr("pipeline.hub.remote_holds", lambda *args, **kwargs: False)
     commits = hub.commit_count
     again = publish_release(release, "org/oids", token=TOKEN, gate_metrics=PASSING, gate=("gold_win_rate", 0.5))
     assert not again.created_commit and hub.commit_count == commits
@@ -117,7 +117,7 @@ def test_transient_errors_are_retried_and_client_errors_are_not(hub: HubServer, 
 def test_cli_publish(hub: HubServer, workspace: Path):
     env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}
     env.update(HF_TOKEN=TOKEN, HF_ENDPOINT=hub.endpoint, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "rlhf.cli", "publish", "--repo-id", "org/cli"]
+    command = [sys.executable, "-m", "pipeline.cli", "publish", "--repo-id", "org/cli"]
     first = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
     assert f"tag run-{RELEASE_MD5[:12]}" in first.stdout and "(new commit)" in first.stdout

@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import TypeVar
 
 # Both are read when huggingface_hub is imported. Telemetry would probe the endpoint offline; the classic LFS
-# upload (rather than Xet) is what private deployments and the test stand-in speak (DESIGN §7).
+# upload (rather than Xet) is what private deployments and the test stand-in speak (docs/design.md §7).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
-import yaml  # noqa: E402
 from huggingface_hub import HfApi, constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
+
+from pipeline.lineage import LOCK_FILE, release_md5  # noqa: E402
+from rlhf.files import path_digest  # noqa: E402
 
 try:  # the HTTP client huggingface_hub 2.x uses; its transport errors are connection-level, worth a retry
     from httpx2 import TransportError as _TransportError
@@ -40,7 +42,6 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-RELEASE_STAGE, RELEASE_OUT = "release", "models/release"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 Gate = Callable[[Mapping[str, object]], bool] | tuple[str, float]
 T = TypeVar("T")
@@ -80,31 +81,11 @@ def check_gate(metrics: Mapping[str, object], gate: Gate) -> str:
     return f"{metric} = {value:.4f} ≥ {min_value}"
 
 
-def folder_digest(folder: Path) -> str:
-    """A content hash of a folder (relative paths and file bytes), for releases DVC has not locked."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def release_md5(lock_path: Path) -> str | None:
-    """The md5 DVC recorded for `models/release` in the `release` stage of dvc.lock (None if absent)."""
-    if not lock_path.exists():
-        return None
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    for out in lock.get("stages", {}).get(RELEASE_STAGE, {}).get("outs", []):
-        if out.get("path") == RELEASE_OUT and out.get("md5"):
-            return str(out["md5"]).removesuffix(".dir")
-    return None
-
-
 def release_tag(release_dir: Path, lock_path: Path | None = None) -> str:
     """``run-<12 hex>``: the release's md5 in dvc.lock (so the tag traces to the lock), else a hash of the folder."""
-    lock_path = lock_path if lock_path is not None else release_dir.resolve().parents[1] / "dvc.lock"
+    lock_path = lock_path if lock_path is not None else release_dir.resolve().parents[1] / LOCK_FILE
     md5 = release_md5(lock_path)
-    return f"run-{(md5 or folder_digest(release_dir))[:12]}"
+    return f"run-{(md5 or path_digest(release_dir))[:12]}"
 
 
 def _is_transient(error: Exception) -> bool:

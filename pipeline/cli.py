@@ -10,8 +10,8 @@
                                upload models/release to the Hub (HF_TOKEN, HF_ENDPOINT) if metrics/evaluate.json
                                passes the gate; tagged run-<release md5 in dvc.lock>; a second publish is a no-op
 
-One run per workspace: `run`, `repro`, `stage` and `publish` hold the lock .rlhf/lifecycle.lock (rlhf/lock.py); while
-another run holds it they refuse at once, naming its pid, or wait with --wait-for-lock SECONDS.
+One run per workspace: `run`, `repro`, `stage` and `publish` hold the lock .rlhf/lifecycle.lock (pipeline/lock.py);
+while another run holds it they refuse at once, naming its pid, or wait with --wait-for-lock SECONDS.
 
 Prefect: with PREFECT_API_URL set the runs go to that server (start one with `prefect server start`, UI at
 http://127.0.0.1:4200); otherwise a temporary local server is started for the run.
@@ -21,25 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-STAGES = ("prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release")
-
-
-def stage_environment() -> dict[str, str]:
-    """The stage commands (`python`, `accelerate`) must resolve to this installation's interpreter."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def dvc(*args: str) -> int:
-    return subprocess.call([sys.executable, "-m", "dvc", *args], env=stage_environment())
+from pipeline.lock import WorkspaceBusy, workspace_lock
+from pipeline.workspace import dvc, stage_names
 
 
 def prefect_defaults() -> None:
@@ -55,7 +42,7 @@ def publish_command(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from rlhf.hub import GateFailed, publish_release
+    from pipeline.hub import GateFailed, publish_release
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics_path = Path("metrics/evaluate.json")
@@ -80,8 +67,6 @@ def add_lock_option(parser: argparse.ArgumentParser) -> None:
 
 def locked(command: Callable[[], int], wait_s: float, what: str) -> int:
     """Run ``command`` holding the workspace lock; exit 2 with one ``error:`` line if another run holds it."""
-    from rlhf.lock import WorkspaceBusy, workspace_lock
-
     try:
         with workspace_lock(".", wait_s, what):
             return command()
@@ -105,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     add_lock_option(run)
     add_lock_option(commands.add_parser("repro", help="run the pipeline with plain dvc repro"))
     stage = commands.add_parser("stage", help="reproduce one stage (and its out-of-date upstream stages)")
-    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("name", choices=stage_names(".") or None)  # the stages of ./dvc.yaml
     add_lock_option(stage)
     commands.add_parser("status", help="show out-of-date stages")
     serve = commands.add_parser("serve", help="serve the scheduled retraining deployment")
