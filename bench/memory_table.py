@@ -31,8 +31,16 @@ sys.path.insert(0, str(REPO))
 CONFIGURATIONS: list[tuple[str, str, dict]] = [
     ("full policy + separate critic + reference", "policy, reference, critic, RM", {"value_model": "critic"}),
     ("value head on the policy trunk + reference", "policy, reference, RM", {"value_model": "head"}),
-    ("LoRA r=16 + separate critic, adapter-off reference", "policy (+adapters), critic, RM", {"value_model": "critic", "lora_rank": 16}),
-    ("LoRA r=16 + value head, adapter-off reference", "policy (+adapters), RM", {"value_model": "head", "lora_rank": 16}),
+    (
+        "LoRA r=16 + separate critic, adapter-off reference",
+        "policy (+adapters), critic, RM",
+        {"value_model": "critic", "lora_rank": 16},
+    ),
+    (
+        "LoRA r=16 + value head, adapter-off reference",
+        "policy (+adapters), RM",
+        {"value_model": "head", "lora_rank": 16},
+    ),
 ]
 
 
@@ -49,7 +57,9 @@ def build_models(folder: Path, layers: int, hidden: int, heads: int) -> int:
 
     rng = random.Random(0)
     tokenizer = embedded.train_tokenizer([embedded.sample_review(rng) for _ in range(2000)])
-    policy = build_tiny_gpt2(TinyModelConfig(n_layer=layers, n_head=heads, n_embd=hidden, n_positions=64), tokenizer, seed=0)
+    policy = build_tiny_gpt2(
+        TinyModelConfig(n_layer=layers, n_head=heads, n_embd=hidden, n_positions=64), tokenizer, seed=0
+    )
     policy.save_pretrained(folder / "sft")
     tokenizer.save_pretrained(folder / "sft")
     load_scalar_model(folder / "sft", tokenizer.pad_token_id).save_pretrained(folder / "reward")
@@ -68,8 +78,15 @@ def run_configuration(folder: Path, options: dict, args: argparse.Namespace) -> 
     from rlhf.ppo_trainer.optimise import prepare_training
 
     baseline = peak_rss_mib()  # interpreter + torch + transformers
-    config = PPOConfig(iterations=args.iterations, rollout_batch_size=args.episodes, num_minibatches=1, ppo_epochs=1,
-                       response_length=args.response_length, mixed_precision=args.mixed_precision, **options)
+    config = PPOConfig(
+        iterations=args.iterations,
+        rollout_batch_size=args.episodes,
+        num_minibatches=1,
+        ppo_epochs=1,
+        response_length=args.response_length,
+        mixed_precision=args.mixed_precision,
+        **options,
+    )
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -97,12 +114,18 @@ def markdown_table(rows: list[dict], parameters: int, args: argparse.Namespace) 
     header = "| configuration | models in memory | grad. ckpt | trainable params | peak RSS MiB (Δ over imports) |"
     header += " peak GPU MiB |" if gpu else ""
     header += " episodes/s |"
-    lines = [f"Policy {parameters / 1e6:.1f} M parameters, {args.episodes} episodes × {args.response_length} tokens per iteration, "
-             f"device {rows[0]['device']}, mixed precision {rows[0]['mixed_precision']}.", "", header,
-             "|" + "---|" * (header.count("|") - 1)]
+    lines = [
+        f"Policy {parameters / 1e6:.1f} M parameters, {args.episodes} episodes × {args.response_length} tokens per iteration, "
+        f"device {rows[0]['device']}, mixed precision {rows[0]['mixed_precision']}.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
     for r in rows:
-        line = (f"| {r['label']} | {r['models']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['trainable_parameters'] / 1e6:.1f} M |"
-                f" {r['peak_rss_mib']:.0f} ({r['peak_rss_mib'] - r['baseline_rss_mib']:+.0f}) |")
+        line = (
+            f"| {r['label']} | {r['models']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['trainable_parameters'] / 1e6:.1f} M |"
+            f" {r['peak_rss_mib']:.0f} ({r['peak_rss_mib'] - r['baseline_rss_mib']:+.0f}) |"
+        )
         line += f" {r['peak_gpu_mib']:.0f} |" if gpu else ""
         lines.append(line + f" {r['episodes_per_second']:.1f} |")
     return "\n".join(lines)
@@ -122,7 +145,11 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # index into the run list, in a fresh process
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    runs = [(label, held, {**options, "gradient_checkpointing": gc}) for label, held, options in CONFIGURATIONS for gc in (False, True)]
+    runs = [
+        (label, held, {**options, "gradient_checkpointing": gc})
+        for label, held, options in CONFIGURATIONS
+        for gc in (False, True)
+    ]
     if args.child is not None:
         print(json.dumps(run_configuration(args.folder, runs[args.child][2], args)))
         return
@@ -132,14 +159,25 @@ def main() -> None:
         rows = []
         for index, (label, held, options) in enumerate(runs):
             started = time.perf_counter()
-            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(index), "--folder", str(folder)],
-                                   capture_output=True, text=True, check=False)
+            child = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--child", str(index), "--folder", str(folder)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if child.returncode:
                 raise SystemExit(f"{label}: failed\n{child.stderr[-3000:]}")
-            row = {"label": label, "models": held, "gradient_checkpointing": options["gradient_checkpointing"],
-                   **json.loads(child.stdout.strip().splitlines()[-1])}
+            row = {
+                "label": label,
+                "models": held,
+                "gradient_checkpointing": options["gradient_checkpointing"],
+                **json.loads(child.stdout.strip().splitlines()[-1]),
+            }
             rows.append(row)
-            print(f"{label}, checkpointing {row['gradient_checkpointing']}: {json.dumps(row)} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            print(
+                f"{label}, checkpointing {row['gradient_checkpointing']}: {json.dumps(row)} ({time.perf_counter() - started:.0f} s)",
+                file=sys.stderr,
+            )
     table = markdown_table(rows, parameters, args)
     print(table)
     if args.out:

@@ -98,7 +98,7 @@ def matmul_peak(device: str, dtype: str, seconds: float = 3.0) -> float:
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     best = 0.0
-    for n in ((4096, 8192) if device == "cuda" else (1024, 2048, 3072)):
+    for n in (4096, 8192) if device == "cuda" else (1024, 2048, 3072):
         a = torch.randn(n, n, device=device, dtype=torch_dtype)
         b = torch.randn(n, n, device=device, dtype=torch_dtype)
         for _ in range(2):
@@ -153,10 +153,19 @@ def run_ours(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
     from rlhf.ppo_trainer.optimise import prepare_training
 
     config = PPOConfig(
-        iterations=args.warmup + args.iterations, rollout_batch_size=args.batch, num_minibatches=args.minibatches,
-        ppo_epochs=args.ppo_epochs, learning_rate=args.learning_rate, anneal_lr=False, response_length=args.response_length,
-        kl_coef=args.kl_coef, adaptive_kl=False, kl_estimator="k1", mixed_precision="bf16" if dtype == "bf16" else "no",
-        value_model="critic", value_init="reward",
+        iterations=args.warmup + args.iterations,
+        rollout_batch_size=args.batch,
+        num_minibatches=args.minibatches,
+        ppo_epochs=args.ppo_epochs,
+        learning_rate=args.learning_rate,
+        anneal_lr=False,
+        response_length=args.response_length,
+        kl_coef=args.kl_coef,
+        adaptive_kl=False,
+        kl_estimator="k1",
+        mixed_precision="bf16" if dtype == "bf16" else "no",
+        value_model="critic",
+        value_init="reward",
     )
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=config.mixed_precision)
     models = load_ppo_models(config, folder / "sft", folder / "reward")
@@ -204,16 +213,39 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
     prompts = json.loads((folder / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
     load_lm = lambda: AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32)  # noqa: E731
-    load_scalar = lambda: AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32)  # noqa: E731
+    load_scalar = lambda: AutoModelForSequenceClassification.from_pretrained(
+        folder / "reward", num_labels=1, dtype=torch.float32
+    )  # noqa: E731
     iterations = args.warmup + args.iterations
     config = PPOConfig(
-        output_dir=str(folder / "trl-out"), per_device_train_batch_size=args.batch // args.minibatches, gradient_accumulation_steps=1,
-        num_mini_batches=args.minibatches, num_ppo_epochs=args.ppo_epochs, total_episodes=args.batch * iterations,
-        local_rollout_forward_batch_size=args.batch, response_length=args.response_length, temperature=1.0,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", kl_coef=args.kl_coef, kl_estimator="k1",
-        cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, stop_token="eos", missing_eos_penalty=None,
-        num_sample_generations=0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu",
-        seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(folder / "trl-out"),
+        per_device_train_batch_size=args.batch // args.minibatches,
+        gradient_accumulation_steps=1,
+        num_mini_batches=args.minibatches,
+        num_ppo_epochs=args.ppo_epochs,
+        total_episodes=args.batch * iterations,
+        local_rollout_forward_batch_size=args.batch,
+        response_length=args.response_length,
+        temperature=1.0,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        kl_coef=args.kl_coef,
+        kl_estimator="k1",
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=args.device == "cpu",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )  # everything else as TRL ships it (bf16=True and gradient_checkpointing=True included)
     ends: list[float] = []
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -224,12 +256,25 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
             ends.append(time.perf_counter())
 
     ref = load_lm()
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=load_lm(), ref_model=ref, reward_model=load_scalar(),
-                         value_model=load_scalar(), train_dataset=dataset, callbacks=[Mark()])
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=load_lm(),
+        ref_model=ref,
+        reward_model=load_scalar(),
+        value_model=load_scalar(),
+        train_dataset=dataset,
+        callbacks=[Mark()],
+    )
     trainer.train()
     timed = ends[args.warmup - 1 :]
-    return {"seconds": timed[-1] - timed[0], "episodes": args.batch * (len(timed) - 1), "generated_tokens": sum(generated[args.warmup :]),
-            "mixed_precision": trainer.accelerator.mixed_precision, "gradient_checkpointing": bool(trainer.model.policy.is_gradient_checkpointing)}
+    return {
+        "seconds": timed[-1] - timed[0],
+        "episodes": args.batch * (len(timed) - 1),
+        "generated_tokens": sum(generated[args.warmup :]),
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "gradient_checkpointing": bool(trainer.model.policy.is_gradient_checkpointing),
+    }
 
 
 def trial(args: argparse.Namespace) -> None:
@@ -242,8 +287,12 @@ def trial(args: argparse.Namespace) -> None:
         result = run_ours(folder, args, "bf16" if args.implementation == "ours_bf16" else "fp32")
     else:
         result = run_trl(folder, args, args.implementation == "trl_nogc")
-    result.update(implementation=args.implementation, peak_rss_mib=peak_rss_mib(), wall_seconds=time.perf_counter() - started,
-                  threads=torch.get_num_threads())
+    result.update(
+        implementation=args.implementation,
+        peak_rss_mib=peak_rss_mib(),
+        wall_seconds=time.perf_counter() - started,
+        threads=torch.get_num_threads(),
+    )
     if args.device == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("TRIAL " + json.dumps(result), flush=True)
@@ -251,16 +300,30 @@ def trial(args: argparse.Namespace) -> None:
 
 def spawn(implementation: str, folder: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--trial", implementation, "--folder", str(folder)]
-    for name in ("device", "batch", "minibatches", "ppo_epochs", "response_length", "warmup", "iterations", "learning_rate", "kl_coef"):
+    for name in (
+        "device",
+        "batch",
+        "minibatches",
+        "ppo_epochs",
+        "response_length",
+        "warmup",
+        "iterations",
+        "learning_rate",
+        "kl_coef",
+    ):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("TRIAL ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{implementation} trial failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{implementation} trial failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        )
     return json.loads(lines[-1][len("TRIAL ") :])
 
 
-def summarise(size: str, info: dict, trials: dict[str, list[dict]], peaks: dict[str, float], args: argparse.Namespace) -> dict:
+def summarise(
+    size: str, info: dict, trials: dict[str, list[dict]], peaks: dict[str, float], args: argparse.Namespace
+) -> dict:
     def median(name: str, key: str) -> float:
         return statistics.median(t[key] for t in trials[name])
 
@@ -271,22 +334,31 @@ def summarise(size: str, info: dict, trials: dict[str, list[dict]], peaks: dict[
     peak = peaks["bf16" if best == "ours_bf16" else "fp32"]
     trl_rss = min(median(name, "peak_rss_mib") for name in trials if name.startswith("trl"))
     flops = statistics.median(
-        iteration_flops(info, info["vocab"], args.batch, round(t["query_length"]), round(t["response_columns"]), args.ppo_epochs)
-        * (t["episodes"] / args.batch) / t["seconds"]
+        iteration_flops(
+            info, info["vocab"], args.batch, round(t["query_length"]), round(t["response_columns"]), args.ppo_epochs
+        )
+        * (t["episodes"] / args.batch)
+        / t["seconds"]
         for t in ours
     )
     # What 100 % of the matmul peak would give for the same work: the most any implementation of these FLOPs could
     # reach on this machine, as a speedup over TRL (its own FLOPs are more: gradient checkpointing recomputes forwards).
     flops_per_episode = flops / eps[best]
     result = {
-        "size": size, "parameters": info["parameters"],
+        "size": size,
+        "parameters": info["parameters"],
         "speedup_bound_vs_trl": peak / flops_per_episode / eps["trl"],
-        "episodes_per_second": eps, "generated_tokens_per_second": tokens,
+        "episodes_per_second": eps,
+        "generated_tokens_per_second": tokens,
         "peak_rss_mib": {name: median(name, "peak_rss_mib") for name in trials},
-        "ours": best, "trl_precision": trials["trl"][0].get("mixed_precision"),
-        "speedup_vs_trl": eps[best] / eps["trl"], "speedup_vs_trl_nogc": eps[best] / eps["trl_nogc"],
+        "ours": best,
+        "trl_precision": trials["trl"][0].get("mixed_precision"),
+        "speedup_vs_trl": eps[best] / eps["trl"],
+        "speedup_vs_trl_nogc": eps[best] / eps["trl_nogc"],
         "rss_ratio": median(best, "peak_rss_mib") / trl_rss,  # against the leaner of the two TRL runs
-        "model_flops_per_second": flops, "matmul_peak_flops_per_second": peak, "peak_fraction": flops / peak,
+        "model_flops_per_second": flops,
+        "matmul_peak_flops_per_second": peak,
+        "peak_fraction": flops / peak,
         "trials": {name: [round(t["episodes"] / t["seconds"], 2) for t in trials[name]] for name in trials},
     }
     if args.device == "cuda":
@@ -298,14 +370,21 @@ def markdown(results: list[dict]) -> str:
     rows = ["| size | implementation | episodes/s | generated tokens/s | peak RSS MiB |", "|---|---|---|---|---|"]
     for r in results:
         for name in r["episodes_per_second"]:
-            rows.append(f"| {r['size']} ({r['parameters'] / 1e6:.2f} M) | {name} | {r['episodes_per_second'][name]:.1f} | "
-                        f"{r['generated_tokens_per_second'][name]:.0f} | {r['peak_rss_mib'][name]:.0f} |")
-    rows += ["", "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s | peak fraction | speedup vs TRL at 100 % of peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            rows.append(
+                f"| {r['size']} ({r['parameters'] / 1e6:.2f} M) | {name} | {r['episodes_per_second'][name]:.1f} | "
+                f"{r['generated_tokens_per_second'][name]:.0f} | {r['peak_rss_mib'][name]:.0f} |"
+            )
+    rows += [
+        "",
+        "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s | peak fraction | speedup vs TRL at 100 % of peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        rows.append(f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | {r['rss_ratio']:.2f} | "
-                    f"{r['model_flops_per_second'] / 1e12:.3f} | {r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
-                    f"{r['speedup_bound_vs_trl']:.1f} |")
+        rows.append(
+            f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | {r['rss_ratio']:.2f} | "
+            f"{r['model_flops_per_second'] / 1e12:.3f} | {r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
+            f"{r['speedup_bound_vs_trl']:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -334,7 +413,11 @@ def main() -> None:
     import torch
 
     peaks = {dtype: matmul_peak(args.device, dtype) for dtype in ("fp32", "bf16")}
-    print(f"matmul peak ({args.device}, {torch.get_num_threads()} threads): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), flush=True)
+    print(
+        f"matmul peak ({args.device}, {torch.get_num_threads()} threads): "
+        + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()),
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
         for size in args.sizes.split(","):
@@ -347,21 +430,42 @@ def main() -> None:
                 for name in trials:
                     result = spawn(name, folder, size_args)
                     trials[name].append(result)
-                    print(f"{size} round {round_index + 1} {name}: {result['episodes'] / result['seconds']:.2f} episodes/s, "
-                          f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+                    print(
+                        f"{size} round {round_index + 1} {name}: {result['episodes'] / result['seconds']:.2f} episodes/s, "
+                        f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+                        flush=True,
+                    )
             results.append(summarise(size, info, trials, peaks, size_args))
     print(markdown(results), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     headline = results[-1]
-    print(json.dumps({
-        "speedup_vs_trl": round(min(r["speedup_vs_trl"] for r in results), 3),
-        "speedup_vs_trl_nogc": round(min(r["speedup_vs_trl_nogc"] for r in results), 3),
-        "rss_ratio": round(max(r["rss_ratio"] for r in results), 3),
-        "peak_fraction": round(headline["peak_fraction"], 3),
-        "device": args.device,
-        "sizes": {r["size"]: {k: r[k] for k in ("parameters", "ours", "speedup_vs_trl", "speedup_vs_trl_nogc", "rss_ratio", "peak_fraction", "speedup_bound_vs_trl")} for r in results},
-    }))
+    print(
+        json.dumps(
+            {
+                "speedup_vs_trl": round(min(r["speedup_vs_trl"] for r in results), 3),
+                "speedup_vs_trl_nogc": round(min(r["speedup_vs_trl_nogc"] for r in results), 3),
+                "rss_ratio": round(max(r["rss_ratio"] for r in results), 3),
+                "peak_fraction": round(headline["peak_fraction"], 3),
+                "device": args.device,
+                "sizes": {
+                    r["size"]: {
+                        k: r[k]
+                        for k in (
+                            "parameters",
+                            "ours",
+                            "speedup_vs_trl",
+                            "speedup_vs_trl_nogc",
+                            "rss_ratio",
+                            "peak_fraction",
+                            "speedup_bound_vs_trl",
+                        )
+                    }
+                    for r in results
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

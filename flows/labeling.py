@@ -168,16 +168,20 @@ def records_from_answers(
         if choice == "skip":
             skipped.append(pair["pair_id"])
             continue
-        chosen, rejected = (pair["response_a"], pair["response_b"]) if choice == "A" else (pair["response_b"], pair["response_a"])
-        records.append({
-            "prompt": pair["prompt"],
-            "chosen": chosen,
-            "rejected": rejected,
-            "annotator": annotator,
-            "labelled_at": labelled_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
-            "pair_id": pair["pair_id"],
-            "source": "human",
-        })
+        chosen, rejected = (
+            (pair["response_a"], pair["response_b"]) if choice == "A" else (pair["response_b"], pair["response_a"])
+        )
+        records.append(
+            {
+                "prompt": pair["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "annotator": annotator,
+                "labelled_at": labelled_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
+                "pair_id": pair["pair_id"],
+                "source": "human",
+            }
+        )
     return records, skipped
 
 
@@ -248,9 +252,16 @@ def collect_human_labels(
         if not batch:
             logger.info("no unlabelled pairs left in %s", SAMPLES)
             break
-        logger.info("batch %d/%d: %d pairs wait for labels; answer the form of this paused run (Resume)", number, n_batches, len(batch))
+        logger.info(
+            "batch %d/%d: %d pairs wait for labels; answer the form of this paused run (Resume)",
+            number,
+            n_batches,
+            len(batch),
+        )
         form = batch_input_model(batch, annotator)
-        answers = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=poll_interval_s, key=f"labels-batch-{number}")
+        answers = pause_flow_run(
+            wait_for_input=form, timeout=timeout_s, poll_interval=poll_interval_s, key=f"labels-batch-{number}"
+        )
         records, skipped = records_from_answers(batch, answers.model_dump(), datetime.now(timezone.utc))
         written = append_labels(labels_file, records)
         skipped_ids.update(skipped)

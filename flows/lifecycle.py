@@ -58,16 +58,31 @@ def lifecycle(
         return run_stages(repo, stage_timeout_s, label_batch_size, label_batches, label_timeout_s, retries)
 
 
-def run_stages(repo: str, stage_timeout_s: float | None, label_batch_size: int, label_batches: int, label_timeout_s: int,
-               retries: dict[str, int] | None = None) -> dict[str, dict]:
+def run_stages(
+    repo: str,
+    stage_timeout_s: float | None,
+    label_batch_size: int,
+    label_batches: int,
+    label_timeout_s: int,
+    retries: dict[str, int] | None = None,
+) -> dict[str, dict]:
     """Every stage as a task, in order (the caller holds the workspace lock)."""
     logger = get_run_logger()
     results: dict[str, dict] = {}
     for stage in stage_names(repo):
         if stage == "label" and load_params(Path(repo, "params.yaml")).label.annotator == "human":
-            labelling = collect_human_labels(repo, batch_size=label_batch_size, n_batches=label_batches, timeout_s=label_timeout_s)
-            logger.info("human labels: %d new, %d skipped (%s)", labelling["labelled"], labelling["skipped"], labelling["labels_file"])
-        state = stage_task(stage, STAGE_RETRIES if retries is None else retries, stage_timeout_s)(stage, repo, return_state=True)
+            labelling = collect_human_labels(
+                repo, batch_size=label_batch_size, n_batches=label_batches, timeout_s=label_timeout_s
+            )
+            logger.info(
+                "human labels: %d new, %d skipped (%s)",
+                labelling["labelled"],
+                labelling["skipped"],
+                labelling["labels_file"],
+            )
+        state = stage_task(stage, STAGE_RETRIES if retries is None else retries, stage_timeout_s)(
+            stage, repo, return_state=True
+        )
         outcome: StageOutcome = state.result()  # raises the stage's error, failing the flow
         results[stage] = {"skipped": outcome.skipped, "metrics": outcome.metrics}
         logger.info("stage %s: %s", stage, "unchanged (cached)" if outcome.skipped else "ran")

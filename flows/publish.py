@@ -36,8 +36,15 @@ def hub_token(secret_block: str = DEFAULT_SECRET_BLOCK) -> str | None:
 
 
 @task(name="publish-release")
-def publish_task(repo_dir: str, repo_id: str, private: bool = True, force: bool = False, metric: str = "gold_win_rate",
-                 min_value: float = 0.5, secret_block: str = DEFAULT_SECRET_BLOCK) -> dict:
+def publish_task(
+    repo_dir: str,
+    repo_id: str,
+    private: bool = True,
+    force: bool = False,
+    metric: str = "gold_win_rate",
+    min_value: float = 0.5,
+    secret_block: str = DEFAULT_SECRET_BLOCK,
+) -> dict:
     """Upload ``repo_dir``/models/release to ``repo_id`` if metrics/evaluate.json has ``metric`` ≥ ``min_value``."""
     logger = get_run_logger()
     metrics_path = Path(repo_dir, "metrics/evaluate.json")
@@ -45,19 +52,30 @@ def publish_task(repo_dir: str, repo_id: str, private: bool = True, force: bool 
     token = hub_token(secret_block)
     if token is None:
         logger.warning("no HF_TOKEN and no Secret block %r: publishing anonymously", secret_block)
-    result: PublishResult = publish_release(Path(repo_dir, "models/release"), repo_id, token=token, private=private,
-                                            gate_metrics=metrics, gate=(metric, min_value), force=force,
-                                            lock_path=Path(repo_dir, LOCK_FILE))
+    result: PublishResult = publish_release(
+        Path(repo_dir, "models/release"),
+        repo_id,
+        token=token,
+        private=private,
+        gate_metrics=metrics,
+        gate=(metric, min_value),
+        force=force,
+        lock_path=Path(repo_dir, LOCK_FILE),
+    )
     logger.info("published %s: commit %s, tag %s", repo_id, result.commit_oid, result.tag)
     create_markdown_artifact(
         key=PUBLISH_ARTIFACT_KEY,
         description="release published to the Hub",
-        markdown="\n".join([
-            "# Published release", "",
-            f"- **repo**: [{repo_id}]({result.url})",
-            f"- **commit**: `{result.commit_oid}`" + ("" if result.created_commit else " (unchanged: no new commit)"),
-            f"- **tag**: `{result.tag}` (the release's md5 in dvc.lock)",
-            f"- **gate**: {metric} ≥ {min_value}" + (" (forced)" if force else ""),
-        ]),
+        markdown="\n".join(
+            [
+                "# Published release",
+                "",
+                f"- **repo**: [{repo_id}]({result.url})",
+                f"- **commit**: `{result.commit_oid}`"
+                + ("" if result.created_commit else " (unchanged: no new commit)"),
+                f"- **tag**: `{result.tag}` (the release's md5 in dvc.lock)",
+                f"- **gate**: {metric} ≥ {min_value}" + (" (forced)" if force else ""),
+            ]
+        ),
     )
     return asdict(result)

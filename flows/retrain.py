@@ -58,17 +58,28 @@ def promote(repo_dir: str, metrics: dict) -> dict:
     target = Path(repo_dir, PROMOTED_DIR)
     staging = staging_folder(target)
     shutil.copytree(Path(repo_dir, "models/release"), staging / "release")
-    record = {"metrics": metrics, "git_commit": git_commit(repo_dir), "promoted_at": datetime.now(timezone.utc).isoformat(),
-              "dvc_lock": Path(repo_dir, LOCK_FILE).read_text()}
+    record = {
+        "metrics": metrics,
+        "git_commit": git_commit(repo_dir),
+        "promoted_at": datetime.now(timezone.utc).isoformat(),
+        "dvc_lock": Path(repo_dir, LOCK_FILE).read_text(),
+    }
     write_json(staging / "record.json", record)
     replace_folder(staging, target)
     return record
 
 
 @flow(name="rlhf-retrain", log_prints=True)
-def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, force: bool = False,
-            publish_repo_id: str = "", publish_private: bool = True, publish_min_value: float = 0.5,
-            wait_for_lock_s: float = 0.0) -> dict:
+def retrain(
+    repo_dir: str = ".",
+    metric: str = "gold_win_rate",
+    margin: float = 0.0,
+    force: bool = False,
+    publish_repo_id: str = "",
+    publish_private: bool = True,
+    publish_min_value: float = 0.5,
+    wait_for_lock_s: float = 0.0,
+) -> dict:
     """Retrain if inputs changed; promote the result only if it beats the promoted model; publish what is promoted.
 
     ``publish_repo_id`` empty means don't publish; otherwise a promoted release is uploaded to that Hub repo if its
@@ -81,8 +92,15 @@ def retrain(repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 
         return _retrain(repo, metric, margin, force, publish_repo_id, publish_private, publish_min_value)
 
 
-def _retrain(repo: str, metric: str, margin: float, force: bool, publish_repo_id: str, publish_private: bool,
-             publish_min_value: float) -> dict:
+def _retrain(
+    repo: str,
+    metric: str,
+    margin: float,
+    force: bool,
+    publish_repo_id: str,
+    publish_private: bool,
+    publish_min_value: float,
+) -> dict:
     logger = get_run_logger()
     # 1. did anything change?
     changed = changed_stages(repo)
@@ -95,13 +113,22 @@ def _retrain(repo: str, metric: str, margin: float, force: bool, publish_repo_id
         # 3–4. evaluation gate
         promoted = read_record(repo)
         ok, reason = gate(new_metrics, promoted, metric, margin)
-        decision = {"ran": True, "changed_stages": changed, "promoted": ok, "reason": reason, "metric": metric,
-                    "new": new_metrics.get(metric), "previous": None if promoted is None else promoted["metrics"].get(metric)}
+        decision = {
+            "ran": True,
+            "changed_stages": changed,
+            "promoted": ok,
+            "reason": reason,
+            "metric": metric,
+            "new": new_metrics.get(metric),
+            "previous": None if promoted is None else promoted["metrics"].get(metric),
+        }
         if ok:
             promote(repo, new_metrics)
             decision["release"] = str(Path(repo, PROMOTED_DIR, "release"))
             if publish_repo_id:
-                published = publish_task(repo, publish_repo_id, private=publish_private, metric=metric, min_value=publish_min_value)
+                published = publish_task(
+                    repo, publish_repo_id, private=publish_private, metric=metric, min_value=publish_min_value
+                )
                 decision["published"] = {key: published[key] for key in ("url", "commit_oid", "tag", "created_commit")}
     # 5. record the decision
     logger.info("retrain decision: %s", decision)
@@ -110,16 +137,27 @@ def _retrain(repo: str, metric: str, margin: float, force: bool, publish_repo_id
     return decision
 
 
-def serve(cron: str, repo_dir: str = ".", metric: str = "gold_win_rate", margin: float = 0.0, publish_repo_id: str = "",
-          wait_for_lock_s: float = 0.0) -> None:
+def serve(
+    cron: str,
+    repo_dir: str = ".",
+    metric: str = "gold_win_rate",
+    margin: float = 0.0,
+    publish_repo_id: str = "",
+    wait_for_lock_s: float = 0.0,
+) -> None:
     """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time (and the workspace lock one
     run of any kind: a scheduled run that finds a manual one in progress waits ``wait_for_lock_s``, then fails)."""
     deployment = retrain.to_deployment(
         name="rlhf-retrain",
         cron=cron,
         concurrency_limit=1,
-        parameters={"repo_dir": str(Path(repo_dir).resolve()), "metric": metric, "margin": margin, "publish_repo_id": publish_repo_id,
-                    "wait_for_lock_s": wait_for_lock_s},
+        parameters={
+            "repo_dir": str(Path(repo_dir).resolve()),
+            "metric": metric,
+            "margin": margin,
+            "publish_repo_id": publish_repo_id,
+            "wait_for_lock_s": wait_for_lock_s,
+        },
         description="Retrain when inputs change; promote only if the evaluation beats the promoted model.",
     )
     from prefect import serve as prefect_serve

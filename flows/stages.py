@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.states import Completed
 
 from pipeline.workspace import dvc_command, stage_environment, stage_metrics_files
@@ -83,7 +88,11 @@ class ProgressReporter:
         if record.get("event") != "progress" or not record.get("total"):
             return
         percent = 100.0 * float(record["step"]) / float(record["total"])
-        shown = ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in PPO_PROGRESS_FIELDS if k in record)
+        shown = ", ".join(
+            f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+            for k in PPO_PROGRESS_FIELDS
+            if k in record
+        )
         if self.artifact_id is None:
             key = PROGRESS_ARTIFACT_KEY if self.stage == "ppo" else f"{self.stage.replace('_', '-')}-progress"
             self.artifact_id = create_progress_artifact(progress=percent, key=key, description=f"{self.stage}: {shown}")
@@ -100,7 +109,9 @@ def publish_stage_artifacts(repo_dir: str | Path, stage: str, metrics: dict[str,
         lines = ["# Evaluation: PPO policy vs SFT", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
         text = "\n".join(lines) + "\n\n" + (samples.read_text() if samples.exists() else "")
-        create_markdown_artifact(markdown=text, key=EVALUATION_ARTIFACT_KEY, description="evaluation metrics and samples")
+        create_markdown_artifact(
+            markdown=text, key=EVALUATION_ARTIFACT_KEY, description="evaluation metrics and samples"
+        )
 
 
 def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple[int, bool, str]:
@@ -108,7 +119,15 @@ def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple
     command = dvc_command("repro", "--single-item", stage)
     tail: deque[str] = deque(maxlen=40)
     skipped = False
-    with subprocess.Popen(command, cwd=repo_dir, env=stage_environment(unbuffered=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    with subprocess.Popen(
+        command,
+        cwd=repo_dir,
+        env=stage_environment(unbuffered=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as process:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.rstrip()
@@ -116,7 +135,7 @@ def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple
             skipped = skipped or any(marker in line for marker in SKIPPED_MARKERS)
             if line.startswith(PROGRESS_PREFIX):
                 try:
-                    on_record(json.loads(line[len(PROGRESS_PREFIX):]))
+                    on_record(json.loads(line[len(PROGRESS_PREFIX) :]))
                 except json.JSONDecodeError:
                     pass
             on_line(line)

@@ -49,8 +49,15 @@ def publish_command(args: argparse.Namespace) -> int:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     token = os.environ.get("HF_TOKEN") or None
     try:
-        result = publish_release(args.release_dir, args.repo_id, token=token, private=not args.public, gate_metrics=metrics,
-                                 gate=(args.metric, args.min_value), force=args.force)
+        result = publish_release(
+            args.release_dir,
+            args.repo_id,
+            token=token,
+            private=not args.public,
+            gate_metrics=metrics,
+            gate=(args.metric, args.min_value),
+            force=args.force,
+        )
     except GateFailed as failure:
         print(f"not published: {failure} (use --force to publish anyway)", file=sys.stderr)
         return 2
@@ -60,9 +67,14 @@ def publish_command(args: argparse.Namespace) -> int:
 
 
 def add_lock_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
-                        help="if another run holds this workspace (.rlhf/lifecycle.lock), wait up to SECONDS for it "
-                             "instead of refusing at once")
+    parser.add_argument(
+        "--wait-for-lock",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another run holds this workspace (.rlhf/lifecycle.lock), wait up to SECONDS for it "
+        "instead of refusing at once",
+    )
 
 
 def locked(command: Callable[[], int], wait_s: float, what: str) -> int:
@@ -83,7 +95,9 @@ def run_lifecycle(stage_timeout_s: float | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline as a Prefect flow")
     run.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's task times out")
@@ -97,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     serve.add_argument("--metric", default="gold_win_rate", help="evaluation metric the gate compares")
     serve.add_argument("--margin", type=float, default=0.0, help="how much better a new model must be to be promoted")
-    serve.add_argument("--publish-repo-id", default="", help="publish each promoted release to this Hub repo (HF_TOKEN)")
+    serve.add_argument(
+        "--publish-repo-id", default="", help="publish each promoted release to this Hub repo (HF_TOKEN)"
+    )
     add_lock_option(serve)  # each scheduled run waits this long for a run already in progress
     label = commands.add_parser("label", help="collect human preference labels through the Prefect UI")
     label.add_argument("--batch-size", type=int, default=8)

@@ -103,7 +103,9 @@ def with_retries(call: Callable[[], T], what: str, max_retries: int, delay_s: fl
             if attempt == max_retries or not _is_transient(error):
                 raise
             status = getattr(getattr(error, "response", None), "status_code", type(error).__name__)
-            logger.warning("%s failed (%s); retry %d/%d in %.1f s", what, status, attempt + 1, max_retries, delay_s * 2**attempt)
+            logger.warning(
+                "%s failed (%s); retry %d/%d in %.1f s", what, status, attempt + 1, max_retries, delay_s * 2**attempt
+            )
             time.sleep(delay_s * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -175,15 +177,27 @@ def publish_release(
     if retried(lambda: remote_holds(api, repo_id, release_dir), "list_repo_tree"):
         commit_oid, created = head, False
     else:
-        info = retried(lambda: api.upload_folder(repo_id=repo_id, folder_path=release_dir, commit_message=f"Release {tag}",
-                                                 commit_description=f"Published by `rlhf publish`; {reason}."), "upload_folder")
+        info = retried(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=release_dir,
+                commit_message=f"Release {tag}",
+                commit_description=f"Published by `rlhf publish`; {reason}.",
+            ),
+            "upload_folder",
+        )
         commit_oid = info.oid
         created = commit_oid != head
     # 4. the tag (kept if it exists: the same lock entry means the same release)
     refs = retried(lambda: api.list_repo_refs(repo_id), "list_repo_refs")
     existing = {ref.name: ref.target_commit for ref in refs.tags}
     if tag not in existing:
-        retried(lambda: api.create_tag(repo_id, tag=tag, revision=commit_oid, tag_message=f"rlhf release {tag}", exist_ok=True), "create_tag")
+        retried(
+            lambda: api.create_tag(
+                repo_id, tag=tag, revision=commit_oid, tag_message=f"rlhf release {tag}", exist_ok=True
+            ),
+            "create_tag",
+        )
     elif existing[tag] != commit_oid:
         logger.warning("tag %s already points at %s; left unchanged (main is at %s)", tag, existing[tag], commit_oid)
     logger.info("published %s: commit %s, tag %s, new commit: %s", repo_id, commit_oid, tag, created)

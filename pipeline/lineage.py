@@ -36,8 +36,9 @@ def stage_lineage(lock_path: str | Path, stages: list[str]) -> Lineage:
     lineage: Lineage = {}
     for stage in stages:
         entry = lock.get("stages", {}).get(stage, {})
-        lineage[stage] = {kind: {item["path"]: item.get("md5", "") for item in entry.get(kind, [])}
-                          for kind in ("deps", "outs")}
+        lineage[stage] = {
+            kind: {item["path"]: item.get("md5", "") for item in entry.get(kind, [])} for kind in ("deps", "outs")
+        }
     return lineage
 
 

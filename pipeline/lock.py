@@ -75,8 +75,12 @@ def _acquire(path: Path, wait_s: float, what: str) -> int:
                 f"when that process exits, even if it is killed)"
             )
         time.sleep(POLL_S)
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "what": what,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, json.dumps(holder).encode(), 0)
     return descriptor

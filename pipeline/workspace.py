@@ -68,6 +68,12 @@ def dvc(*args: str, repo_dir: str | Path = ".") -> int:
 
 def out_of_date_stages(repo_dir: str | Path = ".") -> list[str]:
     """Stages DVC considers out of date (changed deps, params or missing outputs), sorted; raises if dvc fails."""
-    result = subprocess.run(dvc_command("status", "--json"), cwd=repo_dir, env=stage_environment(), capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        dvc_command("status", "--json"),
+        cwd=repo_dir,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return sorted(name.split(":")[-1] for name in json.loads(result.stdout or "{}"))

@@ -116,14 +116,16 @@ def label_pairs(rows: list[dict], annotator: SimulatedAnnotator, annotator_id: s
             gold_first = preference_probability(margin, temperature=0.0)
             agreement_sum += gold_first if first else 1.0 - gold_first
             chosen, rejected = (a, b) if first else (b, a)
-            preferences.append({
-                "prompt_id": row["prompt_id"],
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "annotator": annotator_id,
-                "gold_margin": scores[chosen] - scores[rejected],
-            })
+            preferences.append(
+                {
+                    "prompt_id": row["prompt_id"],
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "annotator": annotator_id,
+                    "gold_margin": scores[chosen] - scores[rejected],
+                }
+            )
     n_pairs = len(preferences)
     stats = {
         "n_pairs": n_pairs,

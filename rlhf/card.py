@@ -12,9 +12,21 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 # metrics/evaluate.json keys published in the card's model-index (those present are taken, in this order)
 MODEL_INDEX_METRICS = (
-    "gold_win_rate", "gold_win_rate_ci_low", "gold_win_rate_ci_high", "gold_score_policy", "gold_score_sft",
-    "rm_win_rate", "rm_score_policy", "rm_score_sft", "kl_to_ref", "valid_rate_policy", "valid_rate_sft",
-    "response_length_policy", "distinct_1_policy", "distinct_2_policy", "repetition_rate_policy",
+    "gold_win_rate",
+    "gold_win_rate_ci_low",
+    "gold_win_rate_ci_high",
+    "gold_score_policy",
+    "gold_score_sft",
+    "rm_win_rate",
+    "rm_score_policy",
+    "rm_score_sft",
+    "kl_to_ref",
+    "valid_rate_policy",
+    "valid_rate_sft",
+    "response_length_policy",
+    "distinct_1_policy",
+    "distinct_2_policy",
+    "repetition_rate_policy",
 )
 
 
@@ -40,15 +52,25 @@ def eval_results(evaluation: dict[str, Any], dataset: str) -> list[EvalResult]:
         dataset_name="rlhf-pipeline embedded reviews (held-out prompts)" if embedded else dataset,
         dataset_split="held-out",
     )
-    return [EvalResult(metric_type=name, metric_name=name, metric_value=evaluation[name], **common)
-            for name in MODEL_INDEX_METRICS if _is_number(evaluation.get(name))]
+    return [
+        EvalResult(metric_type=name, metric_name=name, metric_value=evaluation[name], **common)
+        for name in MODEL_INDEX_METRICS
+        if _is_number(evaluation.get(name))
+    ]
 
 
 def _lineage_markdown(git_commit: str, lineage: dict[str, dict[str, dict[str, str]]]) -> str:
-    rows = [f"| {stage} | {kind[:-1]} | `{path}` | `{md5}` |" for stage, kinds in lineage.items() for kind, items in kinds.items() for path, md5 in items.items()]
+    rows = [
+        f"| {stage} | {kind[:-1]} | `{path}` | `{md5}` |"
+        for stage, kinds in lineage.items()
+        for kind, items in kinds.items()
+        for path, md5 in items.items()
+    ]
     text = f"- git commit: `{git_commit}`\n"
     if rows:
-        text += "- DVC hashes (md5, from `dvc.lock`) of every input and output of the stages upstream of this release:\n\n"
+        text += (
+            "- DVC hashes (md5, from `dvc.lock`) of every input and output of the stages upstream of this release:\n\n"
+        )
         text += "| stage | dep/out | path | md5 |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     else:
         text += "- no `dvc.lock`: this folder was not built by `dvc repro`, so its inputs carry no DVC hashes.\n"
@@ -56,12 +78,15 @@ def _lineage_markdown(git_commit: str, lineage: dict[str, dict[str, dict[str, st
 
 
 def _overoptimization_markdown(curve: list[dict[str, str]], plots: list[str]) -> str:
-    text = ("Every saved PPO checkpoint (step 0 = the SFT policy) scored on the same held-out prompts "
-            "(`plots/overoptimization.csv`). Reward over-optimisation shows as the RM (proxy) score still rising while the "
-            "gold score stops rising or falls.\n\n")
+    text = (
+        "Every saved PPO checkpoint (step 0 = the SFT policy) scored on the same held-out prompts "
+        "(`plots/overoptimization.csv`). Reward over-optimisation shows as the RM (proxy) score still rising while the "
+        "gold score stops rising or falls.\n\n"
+    )
     if curve:
         columns = list(curve[0])
         text += "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+
         def cell(column: str, value: str) -> str:
             return value if column == "step" or value == "" else _fmt(float(value))
 
@@ -106,27 +131,37 @@ def build_model_card(
     eval_rows = [(k, v) for k, v in evaluation.items() if _is_number(v)]
     summary = ""
     if "gold_win_rate" in evaluation:
-        interval = (f" (95 % bootstrap interval {_fmt(evaluation['gold_win_rate_ci_low'])}–{_fmt(evaluation['gold_win_rate_ci_high'])})"
-                    if "gold_win_rate_ci_low" in evaluation else "")
-        summary = (f"Against its SFT starting point the policy wins {_fmt(evaluation['gold_win_rate'])} of paired comparisons "
-                   f"judged by the gold annotator{interval}, at a KL of {_fmt(evaluation.get('kl_to_ref'))} nats to the SFT policy.\n\n")
+        interval = (
+            f" (95 % bootstrap interval {_fmt(evaluation['gold_win_rate_ci_low'])}–{_fmt(evaluation['gold_win_rate_ci_high'])})"
+            if "gold_win_rate_ci_low" in evaluation
+            else ""
+        )
+        summary = (
+            f"Against its SFT starting point the policy wins {_fmt(evaluation['gold_win_rate'])} of paired comparisons "
+            f"judged by the gold annotator{interval}, at a KL of {_fmt(evaluation.get('kl_to_ref'))} nats to the SFT policy.\n\n"
+        )
     sections = [
         f"# {model_name}",
         "A causal language model trained with PPO from human-preference feedback (RLHF) by "
         "[rlhf-pipeline](https://github.com/): SFT → preference pairs → Bradley–Terry reward model → PPO with a "
         "per-token KL penalty to the SFT policy. Every number below is copied from the pipeline's metrics files.",
-        "## Evaluation (held-out prompts, PPO policy vs its SFT starting point)\n\n" + summary
+        "## Evaluation (held-out prompts, PPO policy vs its SFT starting point)\n\n"
+        + summary
         + "Win rates count ties as half; their intervals resample prompts (percentile bootstrap). `distinct_n`: unique "
-        "word n-grams / all word n-grams; `repetition_rate`: share of responses repeating a word bigram.\n\n" + _table(eval_rows),
-        "## Reward over-optimisation across PPO checkpoints\n\n" + _overoptimization_markdown(overoptimization or [], [p for p in plots if "overoptimization" in p]),
+        "word n-grams / all word n-grams; `repetition_rate`: share of responses repeating a word bigram.\n\n"
+        + _table(eval_rows),
+        "## Reward over-optimisation across PPO checkpoints\n\n"
+        + _overoptimization_markdown(overoptimization or [], [p for p in plots if "overoptimization" in p]),
         "## Reward model\n\n" + _table([(k, v) for k, v in reward.items() if v is not None]),
-        "## PPO training\n\n" + _table(list(ppo.items())) + "".join(f"\n![{name}]({name})\n" for name in plots if "overoptimization" not in name),
+        "## PPO training\n\n"
+        + _table(list(ppo.items()))
+        + "".join(f"\n![{name}]({name})\n" for name in plots if "overoptimization" not in name),
         "## Training parameters (params.yaml)\n\n```yaml\n" + yaml.safe_dump(params, sort_keys=False) + "```",
         "## Lineage\n\n" + _lineage_markdown(git_commit, lineage),
         "## How to load and generate\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        "model_id = \"PATH_OR_REPO\"  # this folder, or the Hub repo it was uploaded to\n"
+        'model_id = "PATH_OR_REPO"  # this folder, or the Hub repo it was uploaded to\n'
         "tokenizer = AutoTokenizer.from_pretrained(model_id)\nmodel = AutoModelForCausalLM.from_pretrained(model_id)\n"
-        "inputs = tokenizer(\"the plot was\", return_tensors=\"pt\")\n"
+        'inputs = tokenizer("the plot was", return_tensors="pt")\n'
         "output = model.generate(**inputs)  # sampling settings as in training come from generation_config.json\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```",
         "## Samples\n\n" + samples_markdown,

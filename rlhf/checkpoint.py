@@ -107,8 +107,13 @@ def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "generators": {key: generator.get_state() for key, generator in (generators or {}).items()},
     }
@@ -125,13 +130,23 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     for key, generator in (generators or {}).items():
         if key not in state["generators"]:
-            raise CheckpointError(f"checkpoint has no state for the random generator {key!r} (saved: {sorted(state['generators'])})")
+            raise CheckpointError(
+                f"checkpoint has no state for the random generator {key!r} (saved: {sorted(state['generators'])})"
+            )
         generator.set_state(state["generators"][key])
 
 
@@ -151,7 +166,9 @@ def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None) -> Path:
+def save_rank_rng(
+    folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None
+) -> Path:
     """Every process: write its own RNG state (:func:`capture_rng`) to ``tmp-step-N/rng-rank<r>.pt``.
 
     Call before the barrier that precedes the main process's :func:`save_checkpoint` (with ``ranks=world_size``).
@@ -162,15 +179,21 @@ def save_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[
     return path
 
 
-def load_rank_rng(folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None) -> None:
+def load_rank_rng(
+    folder: str | Path, step: int, rank: int, generators: Mapping[str, torch.Generator] | None = None
+) -> None:
     """Every process: restore its own RNG streams from ``step-N/rng-rank<r>.pt`` (after :func:`load_latest`)."""
     path = Path(folder) / f"step-{step}" / f"rng-rank{rank}.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint was written by fewer processes (include the process count in the fingerprint)")
+        raise CheckpointError(
+            f"{path}: missing; the checkpoint was written by fewer processes (include the process count in the fingerprint)"
+        )
     restore_rng(torch.load(path, weights_only=True), generators)
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], fingerprint: str, *, ranks: int = 0, keep: int = 1) -> Path:
+def save_checkpoint(
+    folder: str | Path, step: int, state: dict[str, Any], fingerprint: str, *, ranks: int = 0, keep: int = 1
+) -> Path:
     """Atomically store ``state`` as the checkpoint of ``step`` and point ``latest.json`` at it; returns its folder.
 
     ``state``: model/optimiser/scheduler ``state_dict()``s, :func:`capture_rng` output, the data position and small
@@ -187,7 +210,9 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], finger
             stale.unlink()
     missing = [r for r in range(ranks) if not (staging / f"rng-rank{r}.pt").is_file()]
     if missing:
-        raise CheckpointError(f"{staging}: RNG files of ranks {missing} are missing; call save_rank_rng on every rank before a barrier")
+        raise CheckpointError(
+            f"{staging}: RNG files of ranks {missing} are missing; call save_rank_rng on every rank before a barrier"
+        )
     write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle))
     meta = {"step": step, "fingerprint": fingerprint, "ranks": ranks, "format": FORMAT, "time": round(time.time(), 3)}
     write_json(staging / META_FILE, meta, indent=None)
@@ -231,14 +256,24 @@ def _read_json(path: Path) -> dict | None:
 def _latest_dir(folder: Path) -> Path | None:
     """The checkpoint ``latest.json`` points to; without a usable pointer, the newest complete ``step-N`` folder."""
     pointer = _read_json(folder / LATEST)
-    if pointer and isinstance(pointer.get("dir"), str) and _STEP_DIR.match(pointer["dir"]) and (folder / pointer["dir"] / META_FILE).is_file():
+    if (
+        pointer
+        and isinstance(pointer.get("dir"), str)
+        and _STEP_DIR.match(pointer["dir"])
+        and (folder / pointer["dir"] / META_FILE).is_file()
+    ):
         return folder / pointer["dir"]
     complete = [path for _, path in _step_dirs(folder) if (path / META_FILE).is_file()]
     return complete[-1] if complete else None
 
 
 def load_latest(
-    folder: str | Path, fingerprint: str, *, discard: bool = True, log: Callable[[str], None] = print, map_location: str | torch.device = "cpu"
+    folder: str | Path,
+    fingerprint: str,
+    *,
+    discard: bool = True,
+    log: Callable[[str], None] = print,
+    map_location: str | torch.device = "cpu",
 ) -> tuple[int, dict[str, Any]] | None:
     """``(step, state)`` of the newest complete checkpoint made with ``fingerprint``, else None.
 
@@ -252,15 +287,19 @@ def load_latest(
     meta = _read_json(latest / META_FILE) or {}
     step = meta.get("step")
     if meta.get("fingerprint") != fingerprint or meta.get("format") != FORMAT:
-        log(f"{folder}: discarding the checkpoint of step {step}: it was made with other params or inputs "
-            f"(fingerprint {str(meta.get('fingerprint'))[:12]} != {fingerprint[:12]}); training starts from step 0")
+        log(
+            f"{folder}: discarding the checkpoint of step {step}: it was made with other params or inputs "
+            f"(fingerprint {str(meta.get('fingerprint'))[:12]} != {fingerprint[:12]}); training starts from step 0"
+        )
         if discard:
             clear(folder)
         return None
     try:
         state = torch.load(latest / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged file must not stop a fresh start
-        log(f"{latest / STATE_FILE}: unreadable ({type(error).__name__}: {error}); discarding it, training starts from step 0")
+        log(
+            f"{latest / STATE_FILE}: unreadable ({type(error).__name__}: {error}); discarding it, training starts from step 0"
+        )
         if discard:
             clear(folder)
         return None
@@ -316,7 +355,9 @@ class ResumeCheckpoints:
     extras: Callable[[], dict] = dict  # the caller's bookkeeping, saved under "extras" by loops that record it (PPO)
     step: int = field(default=0, init=False)  # the step resumed from (0: a fresh start)
     last_step: int | None = field(default=None, init=False)  # step of the newest checkpoint on disk, if known
-    state: dict[str, Any] | None = field(default=None, init=False, repr=False)  # loaded by open(), handed over by resume()
+    state: dict[str, Any] | None = field(
+        default=None, init=False, repr=False
+    )  # loaded by open(), handed over by resume()
     opened: bool = field(default=False, init=False)
 
     @classmethod
@@ -333,7 +374,9 @@ class ResumeCheckpoints:
         """Save after ``step`` completed steps? Never at the last step: the final model is written instead."""
         return self.every > 0 and step % self.every == 0 and 0 < step < total
 
-    def open(self, validate: Callable[[dict], str | None] = lambda extras: None, unsupported: str | None = None) -> dict | None:
+    def open(
+        self, validate: Callable[[dict], str | None] = lambda extras: None, unsupported: str | None = None
+    ) -> dict | None:
         """Load the newest checkpoint made with this fingerprint; returns its ``extras`` (None: a fresh start, after
         which the main process empties the folder). ``validate(extras)`` may veto a checkpoint with a reason (files it
         relies on are gone); ``unsupported``: why this launch cannot checkpoint at all (saving is then off)."""
@@ -346,7 +389,9 @@ class ResumeCheckpoints:
             found = load_latest(self.folder, self.fingerprint, discard=False, log=discarded)
             problem = validate(found[1].get("extras", {})) if found else None
             if problem:
-                discarded(f"{self.folder}: discarding the checkpoint of step {found[0]}: {problem}; training starts from step 0")
+                discarded(
+                    f"{self.folder}: discarding the checkpoint of step {found[0]}: {problem}; training starts from step 0"
+                )
                 found = None
         if processes.world_size > 1:  # every rank read the same files: a disagreement is a bug, not a choice
             steps = processes.gather(found[0] if found else 0)
@@ -370,7 +415,12 @@ class ResumeCheckpoints:
         state, self.state = self.state, None
         return (self.step, state) if state is not None else None
 
-    def save(self, step: int, state: dict[str, Any] | Callable[[], dict[str, Any]], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any] | Callable[[], dict[str, Any]],
+        generators: Mapping[str, torch.Generator] | None = None,
+    ) -> None:
         """The checkpoint after ``step`` (a collective with several processes). ``state``: the main process's state, or
         a function making it there; with ``generators`` every rank also saves its RNG streams (:func:`capture_rng`) for
         :meth:`load_rng`, without them the caller keeps its RNG in ``state``."""
@@ -380,7 +430,9 @@ class ResumeCheckpoints:
             processes.barrier()
         if processes.main:
             ranks = processes.world_size if generators is not None else 0
-            save_checkpoint(self.folder, step, state() if callable(state) else state, self.fingerprint, ranks=ranks, keep=self.keep)
+            save_checkpoint(
+                self.folder, step, state() if callable(state) else state, self.fingerprint, ranks=ranks, keep=self.keep
+            )
         processes.barrier()
         self.last_step = step
         self._report("checkpoint", {"step": step, "seconds": round(time.perf_counter() - started, 4)})

@@ -141,34 +141,56 @@ class PPOConfig:
     num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
     mixed_precision: str = "no"  # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
     sampling_seeds: str = "per_rank"  # "per_rank": generate() seeded seed·1000+rank; "per_episode": the same episodes for any process count
-    value_model: str = "critic"  # "critic": separate critic (a second trunk); "head": linear value head on the policy trunk
+    value_model: str = (
+        "critic"  # "critic": separate critic (a second trunk); "head": linear value head on the policy trunk
+    )
     lora_rank: int = 0  # 0 = train all policy weights; > 0 = LoRA adapters (peft), reference = adapter disabled
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
-    gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
+    )
     rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
-    snapshot_every: int = 15  # policy snapshot every N iterations, models/policy_checkpoints/step-N (0 = the final only)
+    snapshot_every: int = (
+        15  # policy snapshot every N iterations, models/policy_checkpoints/step-N (0 = the final only)
+    )
     resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output
 
     def __post_init__(self) -> None:
-        choices = {"value_model": {"critic", "head"}, "sampling_seeds": {"per_rank", "per_episode"}, "mixed_precision": {"no", "bf16"},
-                   "rollout_logprobs": {"sampler", "recompute"}}
+        choices = {
+            "value_model": {"critic", "head"},
+            "sampling_seeds": {"per_rank", "per_episode"},
+            "mixed_precision": {"no", "bf16"},
+            "rollout_logprobs": {"sampler", "recompute"},
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"params.yaml: ppo.{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.num_processes < 1 or self.lora_rank < 0 or self.snapshot_every < 0:
-            raise ConfigError("params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and "
-                              "ppo.snapshot_every ≥ 0")
+            raise ConfigError(
+                "params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and ppo.snapshot_every ≥ 0"
+            )
 
     def derived(self, world_size: int) -> dict[str, int]:
         """Per-process sizes; every division must be exact.
 
         e.g. 128 episodes / 1 process = 128 local; / 4 minibatches = 32 per minibatch; / 1 accumulation = 32 micro.
         """
-        local_batch = _exact_div(self.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the number of processes")
-        per_process = "ppo.rollout_batch_size" if world_size == 1 else f"ppo.rollout_batch_size / {world_size} processes"
+        local_batch = _exact_div(
+            self.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the number of processes"
+        )
+        per_process = (
+            "ppo.rollout_batch_size" if world_size == 1 else f"ppo.rollout_batch_size / {world_size} processes"
+        )
         minibatch = _exact_div(local_batch, self.num_minibatches, per_process, "ppo.num_minibatches")
-        micro_batch = _exact_div(minibatch, self.gradient_accumulation_steps, f"the minibatch ({per_process} / ppo.num_minibatches)", "ppo.gradient_accumulation_steps")
+        micro_batch = _exact_div(
+            minibatch,
+            self.gradient_accumulation_steps,
+            f"the minibatch ({per_process} / ppo.num_minibatches)",
+            "ppo.gradient_accumulation_steps",
+        )
         return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
 
 
@@ -181,7 +203,9 @@ class EvaluateConfig:
     temperature: float = 1.0  # sampling temperature (as in training)
     max_new_tokens: int = 24  # response length cap
     gold: str = "rlhf.embedded:gold_score"  # `module:callable` gold judge ("" = no gold metrics)
-    validity: str = "rlhf.embedded:is_valid"  # `module:callable` (prompt, response) -> bool ("" = only "ended with EOS")
+    validity: str = (
+        "rlhf.embedded:is_valid"  # `module:callable` (prompt, response) -> bool ("" = only "ended with EOS")
+    )
     n_samples_table: int = 12  # rows in the sample table
     snapshot_prompts: int = 64  # held-out prompts (the first N) each PPO policy snapshot is scored on (curve)
     bootstrap_resamples: int = 1000  # percentile-bootstrap resamples for the win-rate intervals (95 %)
@@ -238,11 +262,15 @@ class Params:
 def _exact_div(numerator: int, denominator: int, what: str, by: str) -> int:
     if denominator <= 0 or numerator % denominator:
         hint = ""
-        if denominator > 0 and numerator >= denominator and " " not in what:  # a plain key: name the nearest valid values
+        if (
+            denominator > 0 and numerator >= denominator and " " not in what
+        ):  # a plain key: name the nearest valid values
             lower = numerator - numerator % denominator
             hint = f" (e.g. {what} = {lower} or {lower + denominator})"
-        raise ConfigError(f"params.yaml: {what} ({numerator}) must be divisible by {by} ({denominator}): "
-                          f"change one of them so it divides exactly{hint}")
+        raise ConfigError(
+            f"params.yaml: {what} ({numerator}) must be divisible by {by} ({denominator}): "
+            f"change one of them so it divides exactly{hint}"
+        )
     return numerator // denominator
 
 
@@ -272,8 +300,14 @@ def _build(cls: type, raw: dict[str, Any], file: str, prefix: str = "") -> Any:
     if unknown:
         guesses = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
         if all(guesses.values()):  # typos: name the intended keys rather than list every known one
-            known = "did you mean " + ", ".join(f"{match[0]!r} (for {key!r})" if len(unknown) > 1 else f"{match[0]!r}"
-                                                for key, match in guesses.items()) + "?"
+            known = (
+                "did you mean "
+                + ", ".join(
+                    f"{match[0]!r} (for {key!r})" if len(unknown) > 1 else f"{match[0]!r}"
+                    for key, match in guesses.items()
+                )
+                + "?"
+            )
         else:
             known = f"known: {sorted(names)}"
         raise ConfigError(f"{file}: {prefix or 'top level'}: unknown key(s) {unknown}; {known}")
@@ -293,7 +327,9 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -327,20 +363,64 @@ RENAMED_KEYS = {
 
 # Range rules checked by load_params, so a bad value stops `dvc repro` at the first stage, before any training.
 POSITIVE = (  # must be > 0
-    "prepare.vocab_size", "prepare.max_prompt_tokens", "prepare.n_demonstrations", "prepare.n_train_prompts",
-    "prepare.n_eval_prompts", "prepare.model.n_layer", "prepare.model.n_head", "prepare.model.n_embd", "prepare.model.n_positions",
-    "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.max_grad_norm", "sft.eval_every",
-    "sample_pairs.temperature", "sample_pairs.max_new_tokens", "sample_pairs.batch_size",
-    "reward.epochs", "reward.batch_size", "reward.learning_rate", "reward.max_grad_norm", "reward.max_length",
-    "ppo.iterations", "ppo.rollout_batch_size", "ppo.num_minibatches", "ppo.gradient_accumulation_steps", "ppo.ppo_epochs",
-    "ppo.learning_rate", "ppo.max_grad_norm", "ppo.response_length", "ppo.temperature", "ppo.clip_range",
-    "ppo.clip_range_value", "ppo.gamma", "ppo.kl_target", "ppo.kl_horizon", "ppo.lora_alpha",
-    "evaluate.samples_per_prompt", "evaluate.temperature", "evaluate.max_new_tokens", "evaluate.batch_size",
+    "prepare.vocab_size",
+    "prepare.max_prompt_tokens",
+    "prepare.n_demonstrations",
+    "prepare.n_train_prompts",
+    "prepare.n_eval_prompts",
+    "prepare.model.n_layer",
+    "prepare.model.n_head",
+    "prepare.model.n_embd",
+    "prepare.model.n_positions",
+    "sft.steps",
+    "sft.batch_size",
+    "sft.learning_rate",
+    "sft.max_grad_norm",
+    "sft.eval_every",
+    "sample_pairs.temperature",
+    "sample_pairs.max_new_tokens",
+    "sample_pairs.batch_size",
+    "reward.epochs",
+    "reward.batch_size",
+    "reward.learning_rate",
+    "reward.max_grad_norm",
+    "reward.max_length",
+    "ppo.iterations",
+    "ppo.rollout_batch_size",
+    "ppo.num_minibatches",
+    "ppo.gradient_accumulation_steps",
+    "ppo.ppo_epochs",
+    "ppo.learning_rate",
+    "ppo.max_grad_norm",
+    "ppo.response_length",
+    "ppo.temperature",
+    "ppo.clip_range",
+    "ppo.clip_range_value",
+    "ppo.gamma",
+    "ppo.kl_target",
+    "ppo.kl_horizon",
+    "ppo.lora_alpha",
+    "evaluate.samples_per_prompt",
+    "evaluate.temperature",
+    "evaluate.max_new_tokens",
+    "evaluate.batch_size",
 )
 NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
-    "prepare.max_rows", "sft.warmup_steps", "sft.weight_decay", "sample_pairs.n_prompts", "label.temperature",
-    "label.max_rows", "reward.warmup_steps", "ppo.vf_coef", "ppo.kl_coef", "evaluate.n_prompts", "evaluate.n_samples_table",
-    "evaluate.snapshot_prompts", "evaluate.bootstrap_resamples", "sft.resume_every", "reward.resume_every",
+    "prepare.max_rows",
+    "sft.warmup_steps",
+    "sft.weight_decay",
+    "sample_pairs.n_prompts",
+    "label.temperature",
+    "label.max_rows",
+    "reward.warmup_steps",
+    "ppo.vf_coef",
+    "ppo.kl_coef",
+    "evaluate.n_prompts",
+    "evaluate.n_samples_table",
+    "evaluate.snapshot_prompts",
+    "evaluate.bootstrap_resamples",
+    "sft.resume_every",
+    "reward.resume_every",
     "ppo.resume_every",
 )
 OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
@@ -369,12 +449,25 @@ def _float_keys(obj: Any, prefix: str = "") -> list[str]:
 
 def range_problems(params: Params) -> list[str]:
     """Every out-of-range value, as "key must be …, got value" (empty when all are valid)."""
-    problems = [f"{key} must be a finite number, got {_value(params, key)}" for key in _float_keys(params)
-                if not math.isfinite(_value(params, key))]
+    problems = [
+        f"{key} must be a finite number, got {_value(params, key)}"
+        for key in _float_keys(params)
+        if not math.isfinite(_value(params, key))
+    ]
     problems += [f"{key} must be > 0, got {_value(params, key)}" for key in POSITIVE if not _value(params, key) > 0]
-    problems += [f"{key} must be ≥ 0, got {_value(params, key)}" for key in NON_NEGATIVE if not _value(params, key) >= 0]
-    problems += [f"{key} must be between 0 and 1 (exclusive), got {_value(params, key)}" for key in OPEN_FRACTIONS if not 0 < _value(params, key) < 1]
-    problems += [f"{key} must be between 0 and 1, got {_value(params, key)}" for key in CLOSED_FRACTIONS if not 0 <= _value(params, key) <= 1]
+    problems += [
+        f"{key} must be ≥ 0, got {_value(params, key)}" for key in NON_NEGATIVE if not _value(params, key) >= 0
+    ]
+    problems += [
+        f"{key} must be between 0 and 1 (exclusive), got {_value(params, key)}"
+        for key in OPEN_FRACTIONS
+        if not 0 < _value(params, key) < 1
+    ]
+    problems += [
+        f"{key} must be between 0 and 1, got {_value(params, key)}"
+        for key in CLOSED_FRACTIONS
+        if not 0 <= _value(params, key) <= 1
+    ]
     problems += [f"{key} must be ≤ 1, got {_value(params, key)}" for key in AT_MOST_ONE if not _value(params, key) <= 1]
     return problems
 
@@ -383,36 +476,60 @@ def range_problems(params: Params) -> list[str]:
 # A key changed from its default while idle is refused, since the stage would ignore it without a word; at its
 # default it is fine (params.yaml lists every key).
 MODE_KEYS: tuple[tuple[tuple[str, ...], Callable[[Params], bool], Callable[[Params], str], str], ...] = (
-    (("prepare.dataset_split", "prepare.prompts_dataset", "prepare.eval_fraction", "prepare.max_rows"),
-     lambda p: p.prepare.dataset != "embedded",
-     lambda p: "prepare.dataset is embedded (it applies to a real dataset only)", "name a real prepare.dataset"),
-    (("prepare.n_demonstrations", "prepare.n_train_prompts", "prepare.n_eval_prompts"),
-     lambda p: p.prepare.dataset == "embedded",
-     lambda p: f"prepare.dataset is {p.prepare.dataset!r} (it sizes the embedded corpus only)",
-     "set prepare.dataset: embedded"),
-    (("prepare.vocab_size", "prepare.model.n_layer", "prepare.model.n_head", "prepare.model.n_embd",
-      "prepare.model.n_positions"),
-     lambda p: p.prepare.base_model == "embedded",
-     lambda p: f"prepare.base_model is {p.prepare.base_model!r} (a real model brings its own tokenizer and shape)",
-     "set prepare.base_model: embedded"),
-    (("label.gold", "label.temperature", "label.flip_prob"),
-     lambda p: p.label.annotator == "simulated",
-     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to the simulated annotator only)",
-     "set label.annotator: simulated"),
-    (("label.dataset", "label.dataset_split", "label.max_rows"),
-     lambda p: p.label.annotator == "dataset",
-     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to imported preference data only)",
-     "set label.annotator: dataset"),
-    (("label.labels_file",),
-     lambda p: p.label.annotator == "human",
-     lambda p: f"label.annotator is {p.label.annotator!r} (it applies to human labels only)",
-     "set label.annotator: human"),
-    (("ppo.lora_alpha", "ppo.lora_target_modules"),
-     lambda p: p.ppo.lora_rank > 0,
-     lambda p: "ppo.lora_rank is 0 (LoRA is off)", "set ppo.lora_rank > 0"),
-    (("ppo.kl_horizon",),
-     lambda p: p.ppo.adaptive_kl,
-     lambda p: f"ppo.adaptive_kl is false (β stays ppo.kl_coef = {p.ppo.kl_coef})", "set ppo.adaptive_kl: true"),
+    (
+        ("prepare.dataset_split", "prepare.prompts_dataset", "prepare.eval_fraction", "prepare.max_rows"),
+        lambda p: p.prepare.dataset != "embedded",
+        lambda p: "prepare.dataset is embedded (it applies to a real dataset only)",
+        "name a real prepare.dataset",
+    ),
+    (
+        ("prepare.n_demonstrations", "prepare.n_train_prompts", "prepare.n_eval_prompts"),
+        lambda p: p.prepare.dataset == "embedded",
+        lambda p: f"prepare.dataset is {p.prepare.dataset!r} (it sizes the embedded corpus only)",
+        "set prepare.dataset: embedded",
+    ),
+    (
+        (
+            "prepare.vocab_size",
+            "prepare.model.n_layer",
+            "prepare.model.n_head",
+            "prepare.model.n_embd",
+            "prepare.model.n_positions",
+        ),
+        lambda p: p.prepare.base_model == "embedded",
+        lambda p: f"prepare.base_model is {p.prepare.base_model!r} (a real model brings its own tokenizer and shape)",
+        "set prepare.base_model: embedded",
+    ),
+    (
+        ("label.gold", "label.temperature", "label.flip_prob"),
+        lambda p: p.label.annotator == "simulated",
+        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to the simulated annotator only)",
+        "set label.annotator: simulated",
+    ),
+    (
+        ("label.dataset", "label.dataset_split", "label.max_rows"),
+        lambda p: p.label.annotator == "dataset",
+        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to imported preference data only)",
+        "set label.annotator: dataset",
+    ),
+    (
+        ("label.labels_file",),
+        lambda p: p.label.annotator == "human",
+        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to human labels only)",
+        "set label.annotator: human",
+    ),
+    (
+        ("ppo.lora_alpha", "ppo.lora_target_modules"),
+        lambda p: p.ppo.lora_rank > 0,
+        lambda p: "ppo.lora_rank is 0 (LoRA is off)",
+        "set ppo.lora_rank > 0",
+    ),
+    (
+        ("ppo.kl_horizon",),
+        lambda p: p.ppo.adaptive_kl,
+        lambda p: f"ppo.adaptive_kl is false (β stays ppo.kl_coef = {p.ppo.kl_coef})",
+        "set ppo.adaptive_kl: true",
+    ),
 )
 HUMAN_LABELS_DIR = "data/human_labels"  # the label stage's DVC dependency (dvc.yaml): label.labels_file must lie in it
 
@@ -426,13 +543,16 @@ def idle_key_problems(params: Params) -> list[str]:
         for key in keys:
             value, default = _value(params, key), _value(defaults, key)
             if value != default:
-                problems.append(f"{key} = {value!r} has no effect: {idle_because(params)}; "
-                                f"set it back to {default!r} or {fix}")
+                problems.append(
+                    f"{key} = {value!r} has no effect: {idle_because(params)}; set it back to {default!r} or {fix}"
+                )
     labels_file = posixpath.normpath(params.label.labels_file)
     if params.label.annotator == "human" and not labels_file.startswith(HUMAN_LABELS_DIR + "/"):
-        problems.append(f"label.labels_file {params.label.labels_file!r} lies outside {HUMAN_LABELS_DIR}/, the label "
-                        "stage's DVC dependency, so DVC would not see new labels; "
-                        f"keep the file under {HUMAN_LABELS_DIR}/")
+        problems.append(
+            f"label.labels_file {params.label.labels_file!r} lies outside {HUMAN_LABELS_DIR}/, the label "
+            "stage's DVC dependency, so DVC would not see new labels; "
+            f"keep the file under {HUMAN_LABELS_DIR}/"
+        )
     return problems
 
 
@@ -440,16 +560,36 @@ def _validate(params: Params, where: str) -> None:
     """Choices, ranges and sizes that must divide; the first problem is raised, naming the file and the key."""
     model = params.prepare.model
     checks = [
-        (params.label.annotator in {"simulated", "dataset", "human"}, f"label.annotator must be simulated, dataset or human, got {params.label.annotator!r}"),
-        (params.ppo.kl_estimator in {"k1", "k3"}, f"ppo.kl_estimator must be k1 or k3, got {params.ppo.kl_estimator!r}"),
-        (params.ppo.value_init in {"reward", "zero"}, f"ppo.value_init must be reward or zero, got {params.ppo.value_init!r}"),
-        (params.sample_pairs.samples_per_prompt >= 2, f"sample_pairs.samples_per_prompt must be at least 2, got {params.sample_pairs.samples_per_prompt}"),
-        (params.label.annotator != "dataset" or bool(params.label.dataset), "label.dataset is required when label.annotator is dataset"),
-        (model.n_head <= 0 or model.n_embd % model.n_head == 0, f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})"),
+        (
+            params.label.annotator in {"simulated", "dataset", "human"},
+            f"label.annotator must be simulated, dataset or human, got {params.label.annotator!r}",
+        ),
+        (
+            params.ppo.kl_estimator in {"k1", "k3"},
+            f"ppo.kl_estimator must be k1 or k3, got {params.ppo.kl_estimator!r}",
+        ),
+        (
+            params.ppo.value_init in {"reward", "zero"},
+            f"ppo.value_init must be reward or zero, got {params.ppo.value_init!r}",
+        ),
+        (
+            params.sample_pairs.samples_per_prompt >= 2,
+            f"sample_pairs.samples_per_prompt must be at least 2, got {params.sample_pairs.samples_per_prompt}",
+        ),
+        (
+            params.label.annotator != "dataset" or bool(params.label.dataset),
+            "label.dataset is required when label.annotator is dataset",
+        ),
+        (
+            model.n_head <= 0 or model.n_embd % model.n_head == 0,
+            f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})",
+        ),
     ]
     problems = [problem for ok, problem in checks if not ok] + idle_key_problems(params) + range_problems(params)
     if problems:
-        raise ConfigError(f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+        raise ConfigError(
+            f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else "")
+        )
     try:  # every process's share of the rollout batch must split into minibatches and micro-batches exactly
         params.ppo.derived(params.ppo.num_processes)
     except ConfigError as error:
@@ -459,4 +599,3 @@ def _validate(params: Params, where: str) -> None:
 def as_dict(obj: Any) -> dict[str, Any]:
     """A config (or Params) as plain data, e.g. for model cards and metrics files."""
     return dataclasses.asdict(obj)
-

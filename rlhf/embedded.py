@@ -23,8 +23,22 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 NOUNS: tuple[str, ...] = (
-    "plot", "acting", "music", "ending", "cast", "story", "script", "film",
-    "dialogue", "pacing", "soundtrack", "scenery", "humour", "director", "lighting", "costumes",
+    "plot",
+    "acting",
+    "music",
+    "ending",
+    "cast",
+    "story",
+    "script",
+    "film",
+    "dialogue",
+    "pacing",
+    "soundtrack",
+    "scenery",
+    "humour",
+    "director",
+    "lighting",
+    "costumes",
 )
 
 # Six adjectives per sentiment level, so the lexicon mean is exactly 0: uniformly sampled demonstrations are

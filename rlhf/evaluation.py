@@ -50,13 +50,17 @@ def sample_and_score(
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start : start + batch_size]
         query_ids, query_mask = encode_prompts(tokenizer, chunk)
-        raw = sampling.sample(policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id).responses
+        raw = sampling.sample(
+            policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id
+        ).responses
         responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
         args = (query_ids, query_mask, responses, mask)
         policy_logprobs = response_logprobs(policy, *args, temperature)
         reference_logprobs = response_logprobs(reference, *args, temperature)
         out.prompts += chunk
-        out.responses += tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+        out.responses += tokenizer.batch_decode(
+            responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True
+        )
         out.finished += finished.tolist()
         out.lengths += mask.sum(1).tolist()
         out.rm_scores += reward_scores(reward_model, normalization, *args).tolist()
@@ -187,7 +191,9 @@ def compare_policies(
         "repetition_rate_sft": repetition_rate(sft.responses),
     }
     interval = dict(groups=policy.prompts, n_resamples=n_resamples, seed=seed)
-    metrics["rm_win_rate_ci_low"], metrics["rm_win_rate_ci_high"] = win_rate_interval(policy.rm_scores, sft.rm_scores, **interval)
+    metrics["rm_win_rate_ci_low"], metrics["rm_win_rate_ci_high"] = win_rate_interval(
+        policy.rm_scores, sft.rm_scores, **interval
+    )
 
     def valid(samples: Samples) -> list[bool]:
         checks = zip(samples.prompts, samples.responses, samples.finished)
@@ -202,7 +208,12 @@ def compare_policies(
         metrics.update(
             {
                 "gold_win_rate": win_rate(gold_policy, gold_sft),
-                **dict(zip(("gold_win_rate_ci_low", "gold_win_rate_ci_high"), win_rate_interval(gold_policy, gold_sft, **interval))),
+                **dict(
+                    zip(
+                        ("gold_win_rate_ci_low", "gold_win_rate_ci_high"),
+                        win_rate_interval(gold_policy, gold_sft, **interval),
+                    )
+                ),
                 "gold_score_policy": mean(gold_policy),
                 "gold_score_sft": mean(gold_sft),
                 "gold_score_sft_std": sft_std,
@@ -231,7 +242,9 @@ def samples_table(policy: Samples, sft: Samples, gold: Callable[[str, str], floa
     return header + "\n".join(rows) + "\n"
 
 
-def checkpoint_summary(samples: Samples, gold: Callable[[str, str], float] | None, is_valid: Callable[[str, str], bool] | None) -> dict[str, float | str]:
+def checkpoint_summary(
+    samples: Samples, gold: Callable[[str, str], float] | None, is_valid: Callable[[str, str], bool] | None
+) -> dict[str, float | str]:
     """One point of the over-optimisation curve: mean RM (proxy) score, gold score, KL to the reference, validity."""
     mean = statistics.fmean
     checks = zip(samples.prompts, samples.responses, samples.finished)

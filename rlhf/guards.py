@@ -10,13 +10,16 @@ import math
 
 import torch
 
+
 class NonFiniteError(RuntimeError):
     """Training produced NaN/inf; the message names the stage, step, quantity and a fix."""
 
     def __init__(self, stage: str, step: int, quantity: str, value: float, hint: str) -> None:
         self.stage, self.step, self.quantity, self.value = stage, step, quantity, value
-        super().__init__(f"{stage}: non-finite {quantity} ({value}) at step {step}; training stopped before the optimiser step, "
-                         f"final outputs not written. Hint: {hint}")
+        super().__init__(
+            f"{stage}: non-finite {quantity} ({value}) at step {step}; training stopped before the optimiser step, "
+            f"final outputs not written. Hint: {hint}"
+        )
 
 
 def first_non_finite(**quantities: torch.Tensor | float) -> tuple[str, float] | None:

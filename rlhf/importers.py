@@ -354,9 +354,7 @@ def _demonstration_parts(row: Mapping[str, Any], schema: str, render: Renderer) 
     return _string(row, "prompt"), _string(row, answer_field)
 
 
-def to_demonstrations(
-    rows: Sequence[Mapping[str, Any]], source: str, render: Renderer = render_messages
-) -> list[Row]:
+def to_demonstrations(rows: Sequence[Mapping[str, Any]], source: str, render: Renderer = render_messages) -> list[Row]:
     """Convert a public SFT or preference table to internal demonstrations {"prompt", "response"}.
 
     For conversations the response is the final assistant turn. Rows with an empty prompt or response are

@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TANH_GELU = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}  # the same tanh approximation (fast = a cheaper rounding of it)
+TANH_GELU = {
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+}  # the same tanh approximation (fast = a cheaper rounding of it)
 
 
 def supports(model: nn.Module) -> bool:

@@ -150,7 +150,7 @@ class RewardNormalization:
         write_text(Path(folder, REWARD_NORMALIZATION_FILE), json.dumps({"mean": self.mean, "std": self.std}, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "RewardNormalization":
+    def load(cls, folder: str | Path) -> RewardNormalization:
         path = Path(folder, REWARD_NORMALIZATION_FILE)
         return cls(**json.loads(path.read_text())) if path.exists() else cls()
 
@@ -204,13 +204,17 @@ def max_positions(path: str | Path) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def check_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[str], model_path: str | Path, response_length: int, source: str) -> None:
+def check_prompts_fit(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], model_path: str | Path, response_length: int, source: str
+) -> None:
     """Refuse (DataError naming ``source``) prompts that leave no room for ``response_length`` new tokens."""
     from rlhf.data import check_lengths
 
     limit = max_positions(model_path)
     if limit is not None:
-        check_lengths(prompts, tokenizer, limit - response_length, source, f"prompt (+ {response_length} response tokens)")
+        check_lengths(
+            prompts, tokenizer, limit - response_length, source, f"prompt (+ {response_length} response tokens)"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -243,10 +247,19 @@ def add_lora(policy: PreTrainedModel, rank: int, alpha: int, target_modules: str
     """
     from peft import LoraConfig, get_peft_model  # imported here: stage programs must run without peft when LoRA is off
 
-    targets: str | list[str] = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    targets: str | list[str] = (
+        target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    )
     transposed = any(isinstance(m, Conv1D) for m in policy.modules())  # GPT-2 family stores weights as (in, out)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                        fan_in_fan_out=transposed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=transposed,
+    )
     return get_peft_model(policy, config)
 
 
@@ -262,7 +275,9 @@ def value_head_for(policy: PreTrainedModel, reward_model: PreTrainedModel | None
     if reward_model is not None:
         score = reward_model.score
         if score.weight.shape != head.weight.shape:
-            raise ValueError(f"reward head {tuple(score.weight.shape)} does not fit the policy trunk (hidden size {hidden_size})")
+            raise ValueError(
+                f"reward head {tuple(score.weight.shape)} does not fit the policy trunk (hidden size {hidden_size})"
+            )
         head.weight.data.copy_(score.weight.detach().float())
     return head
 

@@ -45,9 +45,15 @@ def plot_overoptimization(rows: list[dict[str, str]], path: Path) -> None:
     kl = _column(rows, "kl")
     figure, axis = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
     axis.plot(kl, _column(rows, "rm_score"), marker="o", color="tab:blue", label="RM score (proxy)")
-    axis.set(xlabel="KL to the SFT policy (nats per sequence)", ylabel="RM score (normalised units)", title="Proxy vs gold across PPO checkpoints")
+    axis.set(
+        xlabel="KL to the SFT policy (nats per sequence)",
+        ylabel="RM score (normalised units)",
+        title="Proxy vs gold across PPO checkpoints",
+    )
     for row, x in zip(rows, kl):
-        axis.annotate(f"step {row['step']}", (x, float(row["rm_score"])), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.annotate(
+            f"step {row['step']}", (x, float(row["rm_score"])), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     lines = axis.get_lines()
     if all(row.get("gold_score") not in (None, "") for row in rows):
         gold_axis = axis.twinx()  # the two judges have different units: one y-axis each

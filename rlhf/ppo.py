@@ -62,9 +62,7 @@ def _global_sum_and_count(values: Tensor, mask: Tensor, all_reduce_sum: AllReduc
     return total[0], total[1]
 
 
-def masked_mean(
-    values: Tensor, mask: Tensor, dim: int | None = None, all_reduce_sum: AllReduceSum = None
-) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None, all_reduce_sum: AllReduceSum = None) -> Tensor:
     """Mean of ``values`` over the positions where ``mask`` is True (docs/design.md §4.6: no padding in a mean).
 
     Args:

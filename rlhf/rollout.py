@@ -22,8 +22,14 @@ def joined(query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_ma
     return torch.cat([query_ids, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1)
 
 
-def response_logprobs(model: PreTrainedModel, query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor,
-                      temperature: float) -> Tensor:
+def response_logprobs(
+    model: PreTrainedModel,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    responses: Tensor,
+    response_mask: Tensor,
+    temperature: float,
+) -> Tensor:
     """(b, t) log-probs of the response tokens under ``model`` (logits / temperature)."""
     input_ids, attention_mask = joined(query_ids, query_mask, responses, response_mask)
     logits = causal_lm_logits(model, input_ids, attention_mask)
@@ -32,7 +38,9 @@ def response_logprobs(model: PreTrainedModel, query_ids: Tensor, query_mask: Ten
     return ppo.logprobs_from_logits(response_logits, responses, temperature)
 
 
-def response_values(critic: PreTrainedModel, query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor) -> Tensor:
+def response_values(
+    critic: PreTrainedModel, query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor
+) -> Tensor:
     """(b, t) critic values V(s_i) for the state just before each response token is chosen."""
     input_ids, attention_mask = joined(query_ids, query_mask, responses, response_mask)
     values = per_token_scalars(critic, input_ids, attention_mask)
@@ -40,8 +48,14 @@ def response_values(critic: PreTrainedModel, query_ids: Tensor, query_mask: Tens
 
 
 @torch.no_grad()
-def reward_scores(reward_model: PreTrainedModel, normalization: RewardNormalization, query_ids: Tensor, query_mask: Tensor,
-                  responses: Tensor, response_mask: Tensor) -> Tensor:
+def reward_scores(
+    reward_model: PreTrainedModel,
+    normalization: RewardNormalization,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    responses: Tensor,
+    response_mask: Tensor,
+) -> Tensor:
     """(b,) normalised RM score of query + response, read at the last real response token (the EOS)."""
     input_ids, attention_mask = joined(query_ids, query_mask, responses, response_mask)
     return normalization.apply(sequence_scores(reward_model, input_ids, attention_mask))
@@ -66,7 +80,17 @@ class Experience:
     kl: torch.Tensor | None = None  # (b, t) per-token KL estimate
 
     QUERY_FIELDS = ("query_ids", "query_mask")  # (b, q)
-    RESPONSE_FIELDS = ("responses", "response_mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns", "kl")  # (b, t)
+    RESPONSE_FIELDS = (
+        "responses",
+        "response_mask",
+        "logprobs",
+        "ref_logprobs",
+        "values",
+        "rewards",
+        "advantages",
+        "returns",
+        "kl",
+    )  # (b, t)
 
     def trimmed(self) -> Experience:
         """The same episodes without the columns no row uses: leading query padding, trailing response padding.
@@ -85,5 +109,7 @@ class Experience:
 
     def select(self, index: torch.Tensor) -> Experience:
         """Rows ``index`` of every tensor (a minibatch)."""
-        fields = {name: (value[index] if isinstance(value, torch.Tensor) else value) for name, value in vars(self).items()}
+        fields = {
+            name: (value[index] if isinstance(value, torch.Tensor) else value) for name, value in vars(self).items()
+        }
         return Experience(**fields)

@@ -43,7 +43,9 @@ class Sample:
     end where decoding stopped, once every row had ended."""
 
     responses: Tensor  # (b, t) sampled ids, pad after each row's EOS
-    logprobs: Tensor | None = None  # (b, t') log softmax(logits / T) of each token (before the EOS bar), 0 after the EOS
+    logprobs: Tensor | None = (
+        None  # (b, t') log softmax(logits / T) of each token (before the EOS bar), 0 after the EOS
+    )
     hidden: Tensor | None = None  # (b, t', d) with keep_hidden: the final hidden state that chose each token
 
 
@@ -81,8 +83,18 @@ class InverseCDFSampler(LogitsProcessor):
 
 
 @torch.no_grad()
-def sample(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int, temperature: float, eos_token_id: int,
-           pad_token_id: int, uniforms: Tensor | None = None, keep_hidden: bool = False, lean: bool | None = None) -> Sample:
+def sample(
+    policy: nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    uniforms: Tensor | None = None,
+    keep_hidden: bool = False,
+    lean: bool | None = None,
+) -> Sample:
     """Sample (b, max_new_tokens) responses to left-padded prompts, rows padded after their EOS.
 
     ``uniforms``: per-row draws as in the module docstring (default: the global RNG). ``lean``: the decoder, by default
@@ -90,15 +102,38 @@ def sample(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, max_new_tok
     log-probs and (``keep_hidden``) hidden states, None otherwise.
     """
     if lean_gpt2.supports(policy) if lean is None else lean:
-        drawn = lean_sample(policy, query_ids, query_mask, max_new_tokens, temperature, eos_token_id, pad_token_id,
-                            uniforms=uniforms, keep_hidden=keep_hidden)
+        drawn = lean_sample(
+            policy,
+            query_ids,
+            query_mask,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            pad_token_id,
+            uniforms=uniforms,
+            keep_hidden=keep_hidden,
+        )
         return Sample(pad_responses(drawn.responses, max_new_tokens, pad_token_id), drawn.logprobs, drawn.hidden)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     if uniforms is not None:  # greedy over the one token InverseCDFSampler leaves
         processor = InverseCDFSampler(uniforms, temperature, query_ids.shape[1])
-        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None, "logits_processor": LogitsProcessorList([processor])}
-    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max_new_tokens, min_new_tokens=1,
-                             **sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+        sampling = {
+            "do_sample": False,
+            "temperature": None,
+            "top_k": None,
+            "top_p": None,
+            "logits_processor": LogitsProcessorList([processor]),
+        }
+    output = policy.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        **sampling,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
     return Sample(pad_responses(output[:, query_ids.shape[1] :], max_new_tokens, pad_token_id))
 
 
@@ -111,9 +146,18 @@ def pad_responses(responses: Tensor, length: int, pad_token_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def lean_sample(model: nn.Module, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int, temperature: float, eos_token_id: int,
-                pad_token_id: int, uniforms: Tensor | None = None, keep_hidden: bool = False,
-                generator: torch.Generator | None = None) -> Sample:
+def lean_sample(
+    model: nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    uniforms: Tensor | None = None,
+    keep_hidden: bool = False,
+    generator: torch.Generator | None = None,
+) -> Sample:
     """The lean decoder: up to ``max_new_tokens`` tokens of a plain GPT-2 with a preallocated KV cache.
 
     The log-prob recorded is that of the unmodified distribution (before the EOS bar), which is what PPO's ratio
@@ -123,9 +167,24 @@ def lean_sample(model: nn.Module, query_ids: Tensor, query_mask: Tensor, max_new
     device = query_ids.device
     if device.type == "cpu" and torch.is_autocast_enabled("cpu") and model.config.n_embd < CPU_BF16_DECODE_MIN_WIDTH:
         with torch.autocast("cpu", enabled=False):
-            return lean_sample(model, query_ids, query_mask, max_new_tokens, temperature, eos_token_id, pad_token_id, uniforms, keep_hidden, generator)
+            return lean_sample(
+                model,
+                query_ids,
+                query_mask,
+                max_new_tokens,
+                temperature,
+                eos_token_id,
+                pad_token_id,
+                uniforms,
+                keep_hidden,
+                generator,
+            )
     batch, query_length = query_ids.shape
-    dtype = torch.get_autocast_dtype("cuda" if device.type == "cuda" else "cpu") if torch.is_autocast_enabled(device.type) else model.lm_head.weight.dtype
+    dtype = (
+        torch.get_autocast_dtype("cuda" if device.type == "cuda" else "cpu")
+        if torch.is_autocast_enabled(device.type)
+        else model.lm_head.weight.dtype
+    )
     cache = lean_gpt2.KVCache.empty(model, batch, query_length + max_new_tokens, dtype, device)
     key_mask = torch.zeros(batch, query_length + max_new_tokens, dtype=torch.bool, device=device)
     key_mask[:, :query_length] = query_mask.bool()
@@ -142,7 +201,11 @@ def lean_sample(model: nn.Module, query_ids: Tensor, query_mask: Tensor, max_new
     for step in range(max_new_tokens):
         logits = lean_gpt2.lm_logits(model, hidden).float() / temperature  # (b, v)
         log_distribution = torch.log_softmax(logits, dim=-1)
-        choice = log_distribution if step > 0 else log_distribution.index_fill(1, torch.tensor([eos_token_id], device=device), float("-inf"))
+        choice = (
+            log_distribution
+            if step > 0
+            else log_distribution.index_fill(1, torch.tensor([eos_token_id], device=device), float("-inf"))
+        )
         if uniforms is not None:
             tokens = inverse_cdf(choice.exp(), uniforms[:, step])
         else:

@@ -26,8 +26,12 @@ from rlhf.modeling import causal_lm_logits, encode_prompt_response, right_pad, s
 Log = Callable[[dict], None]
 
 
-def resume_training(checkpointer: ResumeCheckpoints | None, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-                    generators: dict[str, torch.Generator]) -> tuple[int, dict]:
+def resume_training(
+    checkpointer: ResumeCheckpoints | None,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+) -> tuple[int, dict]:
     """Where a loop starts: step 0 and {} when fresh, else the checkpoint's step and state, with the model, the optimiser
     and ``generators`` (and the global RNGs) restored from it."""
     resumed = checkpointer.resume() if checkpointer else None
@@ -39,7 +43,9 @@ def resume_training(checkpointer: ResumeCheckpoints | None, model: PreTrainedMod
     return resumed
 
 
-def training_state(model: PreTrainedModel, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], **extra) -> dict:
+def training_state(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator], **extra
+) -> dict:
     """What :func:`resume_training` restores, plus the loop's own ``extra`` entries."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(generators), **extra}
 
@@ -65,7 +71,9 @@ def warmup_linear(step: int, total: int, warmup: int) -> float:
 
 def sft_examples(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[tuple[list[int], int]]:
     """Each demonstration as (ids of prompt + response + EOS, prompt length)."""
-    sequences, prompt_lengths = encode_prompt_response(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    sequences, prompt_lengths = encode_prompt_response(
+        tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows]
+    )
     return list(zip(sequences, prompt_lengths))
 
 
@@ -95,8 +103,16 @@ def sft_eval_loss(model: PreTrainedModel, examples: list, pad_id: int, batch_siz
     return total / max(1, count)
 
 
-def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_rows: list[dict], eval_rows: list[dict], config: SFTConfig,
-              seed: int, log: Log = lambda record: None, checkpointer: ResumeCheckpoints | None = None) -> dict[str, float]:
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    config: SFTConfig,
+    seed: int,
+    log: Log = lambda record: None,
+    checkpointer: ResumeCheckpoints | None = None,
+) -> dict[str, float]:
     """Fine-tune ``model`` in place on demonstrations; returns final metrics.
 
     With a ``checkpointer``: resumes from its latest matching checkpoint and saves one every ``checkpointer.every``
@@ -111,7 +127,9 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_
     model.train()
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     first_step, state = resume_training(checkpointer, model, optimizer, {"batches": generator})
-    initial_eval = state["extras"]["eval_loss_initial"] if state else sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
+    initial_eval = (
+        state["extras"]["eval_loss_initial"] if state else sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
+    )
     for step in range(first_step, config.steps):
         # 1. sample a batch, 2. loss on response tokens, 3. clipped AdamW step with the scheduled learning rate
         index = torch.randint(len(train_examples), (config.batch_size,), generator=generator).tolist()
@@ -130,7 +148,10 @@ def train_sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_
             record["eval/loss"] = sft_eval_loss(model, eval_examples, tokenizer.pad_token_id)
             log(record)
         if checkpointer and checkpointer.due(step + 1, config.steps):
-            checkpointer.save(step + 1, training_state(model, optimizer, {"batches": generator}, extras={"eval_loss_initial": initial_eval}))
+            checkpointer.save(
+                step + 1,
+                training_state(model, optimizer, {"batches": generator}, extras={"eval_loss_initial": initial_eval}),
+            )
     model.eval()
     return {
         "train_loss": loss.item(),
@@ -174,7 +195,9 @@ def pair_scores(model: PreTrainedModel, batch: PairBatch) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int = 256) -> dict[str, float]:
+def preference_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int = 256
+) -> dict[str, float]:
     """Held-out accuracy (chosen scored above rejected) and mean BT loss."""
     correct, loss_sum = 0.0, 0.0
     for start in range(0, len(rows), batch_size):
@@ -185,9 +208,16 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     return {"accuracy": correct / max(1, len(rows)), "loss": loss_sum / max(1, len(rows))}
 
 
-def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_rows: list[dict], eval_rows: list[dict],
-                       config: RewardConfig, seed: int, log: Log = lambda record: None,
-                       checkpointer: ResumeCheckpoints | None = None) -> dict[str, float]:
+def train_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    config: RewardConfig,
+    seed: int,
+    log: Log = lambda record: None,
+    checkpointer: ResumeCheckpoints | None = None,
+) -> dict[str, float]:
     """Train ``model`` in place with the Bradley–Terry loss; returns held-out metrics.
 
     One shuffled pass per epoch; the data position is (step, this epoch's order), checkpointed with the model,
@@ -223,9 +253,21 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             model.eval()
             held_out = preference_accuracy(model, tokenizer, eval_rows)
             model.train()
-            log({"epoch": epoch + 1, "step": step + 1, "total": total_steps, "train/loss": loss.item(), "eval/accuracy": held_out["accuracy"], "eval/loss": held_out["loss"]})
+            log(
+                {
+                    "epoch": epoch + 1,
+                    "step": step + 1,
+                    "total": total_steps,
+                    "train/loss": loss.item(),
+                    "eval/accuracy": held_out["accuracy"],
+                    "eval/loss": held_out["loss"],
+                }
+            )
         if checkpointer and checkpointer.due(step + 1, total_steps):
-            checkpointer.save(step + 1, training_state(model, optimizer, {"order": generator}, order=torch.tensor(order, dtype=torch.int64)))
+            checkpointer.save(
+                step + 1,
+                training_state(model, optimizer, {"order": generator}, order=torch.tensor(order, dtype=torch.int64)),
+            )
     model.eval()
     held_out = preference_accuracy(model, tokenizer, eval_rows)
     train_metrics = preference_accuracy(model, tokenizer, train_rows[: len(eval_rows) or 1])
@@ -240,11 +282,19 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 @torch.no_grad()
-def raw_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], batch_size: int = 256) -> torch.Tensor:
+def raw_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int = 256,
+) -> torch.Tensor:
     """(n,) unnormalised RM scores of prompt + response + EOS."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        sequences, _ = encode_prompt_response(tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size])
+        sequences, _ = encode_prompt_response(
+            tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size]
+        )
         ids, mask = right_pad(sequences, tokenizer.pad_token_id)
         out.append(sequence_scores(model, ids, mask))
     return torch.cat(out)

@@ -25,13 +25,26 @@ from rlhf.data import DataError, Row, read_jsonl
 
 # Which stage writes each input: the fix for a damaged or missing generated input is to rebuild it.
 PRODUCERS = {
-    "data/sft": "prepare", "data/prompts": "prepare", "models/base": "prepare", "models/sft": "sft",
-    "data/pairs": "sample_pairs", "data/preferences": "label", "models/reward": "reward",
-    "models/policy_checkpoints": "ppo", "models/policy": "ppo", "plots/ppo.csv": "ppo",
-    "metrics/evaluate.json": "evaluate", "metrics/samples.md": "evaluate",
+    "data/sft": "prepare",
+    "data/prompts": "prepare",
+    "models/base": "prepare",
+    "models/sft": "sft",
+    "data/pairs": "sample_pairs",
+    "data/preferences": "label",
+    "models/reward": "reward",
+    "models/policy_checkpoints": "ppo",
+    "models/policy": "ppo",
+    "plots/ppo.csv": "ppo",
+    "metrics/evaluate.json": "evaluate",
+    "metrics/samples.md": "evaluate",
 }
 HUMAN_LABELS = "data/human_labels"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -137,7 +150,9 @@ def check_tokenizer_fits_model(tokenizer: Any, folder: str | Path) -> None:
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         token_id = getattr(tokenizer, name, None)
         if isinstance(token_id, int) and not 0 <= token_id < rows:
-            raise DataError(f"{folder}: tokenizer {name} {token_id} is outside the model's embedding (vocab_size {rows})")
+            raise DataError(
+                f"{folder}: tokenizer {name} {token_id} is outside the model's embedding (vocab_size {rows})"
+            )
 
 
 def check_same_tokenizer(reference: Any, reference_folder: str | Path, other: Any, other_folder: str | Path) -> None:
@@ -150,7 +165,9 @@ def check_same_tokenizer(reference: Any, reference_folder: str | Path, other: An
         problem = f"EOS/pad ids {other.eos_token_id}/{other.pad_token_id} vs {reference.eos_token_id}/{reference.pad_token_id}"
     else:
         return
-    raise DataError(f"{other_folder}: its tokenizer differs from the one in {reference_folder} ({problem}); both models must share one tokenizer")
+    raise DataError(
+        f"{other_folder}: its tokenizer differs from the one in {reference_folder} ({problem}); both models must share one tokenizer"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ annotators
@@ -167,7 +184,9 @@ def load_judge(spec: str, key: str) -> Callable:
         raise ConfigError(f"params.yaml: {key}: {error}") from None
 
 
-def finite_scores(score: Callable[[str, str], Any], samples: Sequence[Row], source: str, what: str) -> Callable[[str, str], float]:
+def finite_scores(
+    score: Callable[[str, str], Any], samples: Sequence[Row], source: str, what: str
+) -> Callable[[str, str], float]:
     """Score every distinct (prompt, response) of ``samples`` once, up front, refusing a non-numeric or non-finite score.
 
     The refusal names the row of ``source`` and the response. Returns a lookup with ``score``'s signature that

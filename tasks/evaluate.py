@@ -23,27 +23,33 @@ from rlhf.config import load_params
 from rlhf.evaluation import checkpoint_summary, compare_policies, sample_and_score, samples_table
 from rlhf.files import read_csv, write_csv, write_json, write_text
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
-from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
+from tasks.stage_io import emit, refuse_bad_input
 
 POLICY, SFT_MODEL, REWARD_MODEL = Path("models/policy"), Path("models/sft"), Path("models/reward")
 PROMPTS, METRICS, TABLE = Path("data/prompts/eval.jsonl"), Path("metrics/evaluate.json"), Path("metrics/samples.md")
 CHECKPOINTS, PPO_HISTORY = Path("models/policy_checkpoints"), Path("plots/ppo.csv")
-CURVE, CURVE_PNG, TRAINING_PNG = Path("plots/overoptimization.csv"), Path("plots/overoptimization.png"), Path("plots/ppo_training.png")
+CURVE, CURVE_PNG, TRAINING_PNG = (
+    Path("plots/overoptimization.csv"),
+    Path("plots/overoptimization.png"),
+    Path("plots/ppo_training.png"),
+)
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every saved PPO policy snapshot in ``snapshots``, in training order."""
-    found = [(int(m.group(1)), path) for path in snapshots.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", path.name))]
+    found = [
+        (int(m.group(1)), path) for path in snapshots.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", path.name))
+    ]
     return sorted(found)
 
 
 def render_plots(curve: list[dict], args: argparse.Namespace) -> None:
     """The PNGs; skipped with a warning where matplotlib is missing (stage programs need only torch + transformers)."""
     try:
-        from rlhf.plots import plot_overoptimization, plot_ppo_training
-
         import matplotlib  # noqa: F401
+
+        from rlhf.plots import plot_overoptimization, plot_ppo_training
     except ImportError:
         print("evaluate: matplotlib is not installed; PNG plots skipped", file=sys.stderr)
         return
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             check_same_tokenizer(tokenizer, args.policy, load_tokenizer(folder), folder)
         for folder in (args.policy, args.sft, args.reward):
             check_tokenizer_fits_model(tokenizer, folder)
-        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], args.policy, config.max_new_tokens, str(args.prompts))
+        check_prompts_fit(
+            tokenizer, [r["prompt"] for r in prompts], args.policy, config.max_new_tokens, str(args.prompts)
+        )
         gold = load_judge(config.gold, "evaluate.gold") if config.gold else None
         is_valid = load_judge(config.validity, "evaluate.validity") if config.validity else None
     prompts = [r["prompt"] for r in (prompts[: config.n_prompts] if config.n_prompts else prompts)]
@@ -90,16 +98,31 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_policy(args.policy).eval()
     reward_model = load_scalar_model(args.reward, tokenizer.pad_token_id).eval()
     normalization = RewardNormalization.load(args.reward)
-    common = dict(reward_model=reward_model, normalization=normalization, tokenizer=tokenizer, prompts=prompts,
-                  samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
-                  temperature=config.temperature, seed=params.stage_seed("evaluate"), batch_size=config.batch_size)
+    common = dict(
+        reward_model=reward_model,
+        normalization=normalization,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        samples_per_prompt=config.samples_per_prompt,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=params.stage_seed("evaluate"),
+        batch_size=config.batch_size,
+    )
     checkpoints = checkpoint_folders(args.snapshots)
     total = 3 + len(checkpoints)  # policy, SFT, SFT on the checkpoint prompts, each checkpoint
     policy_samples = sample_and_score(policy, sft, **common)
     emit("evaluate", "progress", step=1, total=total)
     sft_samples = sample_and_score(sft, sft, **common)
     emit("evaluate", "progress", step=2, total=total)
-    metrics = compare_policies(policy_samples, sft_samples, gold, is_valid, seed=params.stage_seed("evaluate"), n_resamples=config.bootstrap_resamples)
+    metrics = compare_policies(
+        policy_samples,
+        sft_samples,
+        gold,
+        is_valid,
+        seed=params.stage_seed("evaluate"),
+        n_resamples=config.bootstrap_resamples,
+    )
     # over-optimisation: proxy vs gold along the PPO trajectory, every checkpoint on the same prompts and seed
     subset = dict(common, prompts=prompts[: config.snapshot_prompts] if config.snapshot_prompts else prompts)
     curve = [{"step": 0, **checkpoint_summary(sample_and_score(sft, sft, **subset), gold, is_valid)}]
@@ -116,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics["kl_target_band"] = [low, high]
     metrics["kl_in_target_band"] = bool(low <= metrics["kl_to_ref"] <= high)
     write_json(args.metrics, metrics)
-    write_text(args.samples, "# Samples: SFT vs PPO on held-out prompts\n\n" + samples_table(policy_samples, sft_samples, gold, config.n_samples_table))
+    write_text(
+        args.samples,
+        "# Samples: SFT vs PPO on held-out prompts\n\n"
+        + samples_table(policy_samples, sft_samples, gold, config.n_samples_table),
+    )
     emit("evaluate", "metrics", **metrics)
 
 

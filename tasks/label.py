@@ -21,8 +21,8 @@ from rlhf import annotators, data, importers
 from rlhf.config import LabelConfig, load_params
 from rlhf.data import DataError
 from rlhf.files import write_json, write_jsonl
-from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import finite_scores, load_judge, read_records
+from tasks.stage_io import emit, refuse_bad_input
 
 PAIRS, OUT_DIR = Path("data/pairs"), Path("data/preferences")
 METRICS = Path("metrics/label.json")
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         data.validate_preferences(records, f"labels from the {config.annotator} annotator")
         train, held_out = split_by_prompt(records, config.eval_fraction, params.stage_seed("label.split"))
         if not train or not held_out:
-            raise DataError(f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train and eval. "
-                            "Fix: provide more pairs (or change label.eval_fraction in params.yaml)")
+            raise DataError(
+                f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train and eval. "
+                "Fix: provide more pairs (or change label.eval_fraction in params.yaml)"
+            )
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "eval.jsonl", held_out)
     metrics = {**stats, "annotator": config.annotator, "n_train": len(train), "n_eval": len(held_out)}

@@ -36,13 +36,31 @@ from rlhf.ppo_trainer.optimise import prepare_training
 from rlhf.ppo_trainer.processes import export_policy, make_accelerator
 from rlhf.ppo_trainer.resume import stage_checkpoints
 from rlhf.ppo_trainer.snapshots import PolicySnapshots, save_policy
-from tasks.stage_io import release_free_heap, tune_malloc_for_training, EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
+from tasks.stage_io import (
+    EXIT_DIVERGED,
+    emit,
+    fail,
+    progress_logger,
+    refuse_bad_input,
+    release_free_heap,
+    tune_malloc_for_training,
+)
 
 SFT_MODEL, REWARD_MODEL, PROMPTS = Path("models/sft"), Path("models/reward"), Path("data/prompts/train.jsonl")
 OUT_DIR, METRICS, HISTORY = Path("models/policy"), Path("metrics/ppo.json"), Path("plots/ppo.csv")
 CHECKPOINTS = Path("models/policy_checkpoints")
-SUMMARY_KEYS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/policy/entropy", "val/response_length", "val/num_eos_tokens")
+SUMMARY_KEYS = (
+    "objective/kl",
+    "objective/scores",
+    "objective/rlhf_reward",
+    "objective/kl_coef",
+    "ppo/policy/clipfrac",
+    "ppo/policy/approxkl",
+    "ppo/policy/entropy",
+    "val/response_length",
+    "val/num_eos_tokens",
+)
 
 
 def peak_rss_mib() -> float:
@@ -72,10 +90,14 @@ def main(argv: list[str] | None = None) -> None:
         for folder in (args.sft, args.reward):
             check_model_dir(folder)
         tokenizer = load_tokenizer(args.sft)
-        check_same_tokenizer(tokenizer, args.sft, load_tokenizer(args.reward), args.reward)  # the RM scores the policy's ids
+        check_same_tokenizer(
+            tokenizer, args.sft, load_tokenizer(args.reward), args.reward
+        )  # the RM scores the policy's ids
         for folder in (args.sft, args.reward):
             check_tokenizer_fits_model(tokenizer, folder)
-        check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], args.sft, config.response_length, str(args.prompts))
+        check_prompts_fit(
+            tokenizer, [r["prompt"] for r in prompts], args.sft, config.response_length, str(args.prompts)
+        )
     try:
         accelerator = make_accelerator(config)
         config.derived(accelerator.num_processes)
@@ -89,15 +111,40 @@ def main(argv: list[str] | None = None) -> None:
     log = progress_logger("ppo") if accelerator.is_main_process else (lambda record: None)
     if accelerator.is_main_process:
         trainable = sum(p.numel() for p in prepared.module.parameters() if p.requires_grad)
-        emit("ppo", "start", world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
-             mixed_precision=accelerator.mixed_precision, iterations=config.iterations, rollout_batch_size=config.rollout_batch_size,
-             policy_parameters=count_parameters(models.policy), trainable_parameters=trainable)
+        emit(
+            "ppo",
+            "start",
+            world_size=accelerator.num_processes,
+            distributed_type=accelerator.distributed_type.value,
+            mixed_precision=accelerator.mixed_precision,
+            iterations=config.iterations,
+            rollout_batch_size=config.rollout_batch_size,
+            policy_parameters=count_parameters(models.policy),
+            trainable_parameters=trainable,
+        )
     # resume checkpoints outside DVC's outs, valid only for these params, seed, inputs and launch (rlhf/ppo_trainer/resume.py)
-    resume = stage_checkpoints(config, seed, accelerator, (args.sft, args.reward, args.prompts), lambda event, fields: emit("ppo", event, **fields))
+    resume = stage_checkpoints(
+        config,
+        seed,
+        accelerator,
+        (args.sft, args.reward, args.prompts),
+        lambda event, fields: emit("ppo", event, **fields),
+    )
     snapshots = PolicySnapshots(config, models.tokenizer, resume.folder / "policy_checkpoints")
     snapshots.resume_with(resume, accelerator)
     try:
-        history = train_ppo(models, [r["prompt"] for r in prompts], config, seed, accelerator, log, prepared, snapshots, resume, release_free_heap)
+        history = train_ppo(
+            models,
+            [r["prompt"] for r in prompts],
+            config,
+            seed,
+            accelerator,
+            log,
+            prepared,
+            snapshots,
+            resume,
+            release_free_heap,
+        )
     except NonFiniteError as error:
         fail(f"{error}; {resume.kept()}", code=EXIT_DIVERGED)
     policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
@@ -108,19 +155,27 @@ def main(argv: list[str] | None = None) -> None:
         replace_folder(snapshots.folder, args.snapshots)
         write_csv(args.history, history)
         last = history[-1]
-        tail = history[-max(1, len(history) // 10):]  # mean over the last 10 % of iterations: less noisy than the last one
+        tail = history[
+            -max(1, len(history) // 10) :
+        ]  # mean over the last 10 % of iterations: less noisy than the last one
         metrics = {f"final/{k}": last[k] for k in SUMMARY_KEYS}
         metrics.update({f"tail_mean/{k}": sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS})
-        metrics.update({
-            "world_size": accelerator.num_processes,
-            "peak_rss_mib": peak_rss_mib(),
-            **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if accelerator.device.type == "cuda" else {}),
-            "iterations": config.iterations,
-            "resumed_from_iteration": resume.step,
-            "episodes": last["episodes"],
-            "episodes_per_second": last["episodes"] / sum(r["timing/iteration"] for r in history),
-            "seconds": sum(r["timing/iteration"] for r in history),
-        })
+        metrics.update(
+            {
+                "world_size": accelerator.num_processes,
+                "peak_rss_mib": peak_rss_mib(),
+                **(
+                    {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+                    if accelerator.device.type == "cuda"
+                    else {}
+                ),
+                "iterations": config.iterations,
+                "resumed_from_iteration": resume.step,
+                "episodes": last["episodes"],
+                "episodes_per_second": last["episodes"] / sum(r["timing/iteration"] for r in history),
+                "seconds": sum(r["timing/iteration"] for r in history),
+            }
+        )
         write_json(args.metrics, metrics)
         emit("ppo", "metrics", **metrics)
     accelerator.wait_for_everyone()

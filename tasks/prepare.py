@@ -16,16 +16,18 @@ from transformers import AutoModelForCausalLM
 
 from rlhf import data, embedded, importers
 from rlhf.config import load_params
-from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
 from rlhf.files import replace_folder, staging_folder, write_json, write_jsonl
-from tasks.stage_io import emit, refuse_bad_input
+from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
 from rlhf.validation import check_tokenizer_fits_model
+from tasks.stage_io import emit, refuse_bad_input
 
 SFT_DIR, PROMPTS_DIR, BASE_DIR = Path("data/sft"), Path("data/prompts"), Path("models/base")
 METRICS = Path("metrics/prepare.json")
 
 
-def load_real_dataset(source: str, split: str, eval_fraction: float, max_rows: int, seed: int, render) -> dict[str, list[dict]]:
+def load_real_dataset(
+    source: str, split: str, eval_fraction: float, max_rows: int, seed: int, render
+) -> dict[str, list[dict]]:
     """Demonstrations and prompts from a public dataset (any schema rlhf.importers understands)."""
     rows = importers.load_table(source, split)
     rows = rows[:max_rows] if max_rows else rows
@@ -65,10 +67,16 @@ def main(argv: list[str] | None = None) -> None:
         if config.dataset == "embedded":
             corpus = embedded.make_corpus(seed, config.n_demonstrations, config.n_train_prompts, config.n_eval_prompts)
         else:
-            corpus = load_real_dataset(config.dataset, config.dataset_split, config.eval_fraction, config.max_rows, seed, render)
+            corpus = load_real_dataset(
+                config.dataset, config.dataset_split, config.eval_fraction, config.max_rows, seed, render
+            )
             if config.prompts_dataset:
-                prompt_rows = importers.to_prompts(importers.load_table(config.prompts_dataset, config.dataset_split), config.prompts_dataset, render)
-                corpus["prompts_train"], corpus["prompts_eval"] = data.split_train_eval(prompt_rows, config.eval_fraction, seed)
+                prompt_rows = importers.to_prompts(
+                    importers.load_table(config.prompts_dataset, config.dataset_split), config.prompts_dataset, render
+                )
+                corpus["prompts_train"], corpus["prompts_eval"] = data.split_train_eval(
+                    prompt_rows, config.eval_fraction, seed
+                )
         if tokenizer is None:
             texts = [row["prompt"] + row["response"] for row in corpus["sft_train"]]
             tokenizer = embedded.train_tokenizer(texts, config.vocab_size)
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         max_positions = config.model.n_positions if config.base_model == "embedded" else None
         for name in ("prompts_train", "prompts_eval"):
             data.validate_prompts(corpus[name], f"{source} ({name})")
-            data.check_lengths([r["prompt"] for r in corpus[name]], tokenizer, config.max_prompt_tokens, f"{source} ({name})", "prompt")
+            data.check_lengths(
+                [r["prompt"] for r in corpus[name]], tokenizer, config.max_prompt_tokens, f"{source} ({name})", "prompt"
+            )
         for name in ("sft_train", "sft_eval"):
             data.validate_demonstrations(corpus[name], f"{source} ({name})")
     # 4. base model
@@ -87,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = disable_dropout(AutoModelForCausalLM.from_pretrained(config.base_model))
         model.config.pad_token_id = tokenizer.pad_token_id
-        max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
     # 5. outputs
     for name, rows in corpus.items():
         folder = args.sft_data if name.startswith("sft") else args.prompts

@@ -22,7 +22,16 @@ from tasks.stage_io import emit, refuse_bad_input
 
 POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
 PLOTS = (Path("plots/ppo_training.png"), Path("plots/overoptimization.png"))  # copied next to the card
-RELEASE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+RELEASE_FILES = (
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.release", description="Stage release: Hub-ready folder.")
     parser.add_argument("--policy", type=Path, default=POLICY, help="PPO policy folder released")
     for name in ("evaluate", "reward", "ppo"):
-        parser.add_argument(f"--{name}-metrics", type=Path, default=Path(f"metrics/{name}.json"),
-                            help=f"{name} metrics quoted in the card")
+        parser.add_argument(
+            f"--{name}-metrics",
+            type=Path,
+            default=Path(f"metrics/{name}.json"),
+            help=f"{name} metrics quoted in the card",
+        )
     parser.add_argument("--samples", type=Path, default=Path("metrics/samples.md"), help="sample table for the card")
     parser.add_argument("--curve", type=Path, default=Path("plots/overoptimization.csv"), help="curve CSV for the card")
     parser.add_argument("--plots", type=Path, nargs="*", default=list(PLOTS), help="PNG plots copied next to the card")

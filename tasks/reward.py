@@ -13,12 +13,12 @@ from pathlib import Path
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints, config_part
 from rlhf.config import load_params
+from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
-from rlhf.files import replace_folder, staging_folder, write_json
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 from rlhf.training import raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
+from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 
 SFT_MODEL, PREFS, PAIRS = Path("models/sft"), Path("data/preferences"), Path("data/pairs")
 OUT_DIR = Path("models/reward")
@@ -67,10 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(seed)
     model = load_scalar_model(args.sft, tokenizer.pad_token_id)
     # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
-    checkpoints = ResumeCheckpoints.for_stage("reward", config.resume_every, config_part(config), seed, args.preferences, args.sft,
-                                              notify=lambda event, fields: emit("reward", event, **fields))
+    checkpoints = ResumeCheckpoints.for_stage(
+        "reward",
+        config.resume_every,
+        config_part(config),
+        seed,
+        args.preferences,
+        args.sft,
+        notify=lambda event, fields: emit("reward", event, **fields),
+    )
     try:
-        metrics = train_reward_model(model, tokenizer, splits["train"], splits["eval"], config, seed, progress_logger("reward"), checkpoints)
+        metrics = train_reward_model(
+            model, tokenizer, splits["train"], splits["eval"], config, seed, progress_logger("reward"), checkpoints
+        )
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
     # normalise: SFT samples score mean 0, std 1 (Ziegler et al. 2019); reference answers when there are no samples
@@ -86,14 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     normalization.save(staging)
     replace_folder(staging, args.out)
     agreement = annotator_agreement(splits["eval"])
-    metrics.update({
-        "n_train_pairs": len(splits["train"]),
-        "n_eval_pairs": len(splits["eval"]),
-        "annotator_agreement": agreement,
-        "accuracy_vs_annotator": metrics["accuracy"] / agreement if agreement else None,
-        "normalization_mean": normalization.mean,
-        "normalization_std": normalization.std,
-    })
+    metrics.update(
+        {
+            "n_train_pairs": len(splits["train"]),
+            "n_eval_pairs": len(splits["eval"]),
+            "annotator_agreement": agreement,
+            "accuracy_vs_annotator": metrics["accuracy"] / agreement if agreement else None,
+            "normalization_mean": normalization.mean,
+            "normalization_std": normalization.std,
+        }
+    )
     write_json(args.metrics, metrics)
     checkpoints.clear()  # the final model is in place: resume state no longer needed
     emit("reward", "metrics", **metrics)

@@ -16,8 +16,8 @@ from rlhf.config import load_params
 from rlhf.files import write_json, write_jsonl
 from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
 from rlhf.sampling import sample
-from tasks.stage_io import emit, refuse_bad_input
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
+from tasks.stage_io import emit, refuse_bad_input
 
 SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs")
 METRICS = Path("metrics/sample_pairs.json")
@@ -52,18 +52,28 @@ def main(argv: list[str] | None = None) -> None:
         expanded = [p for p in chunk for _ in range(config.samples_per_prompt)]
         query_ids, query_mask = encode_prompts(tokenizer, expanded)
         with torch.no_grad():
-            raw = sample(policy, query_ids, query_mask, config.max_new_tokens, config.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id).responses
+            raw = sample(
+                policy,
+                query_ids,
+                query_mask,
+                config.max_new_tokens,
+                config.temperature,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            ).responses
         responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
         n_finished += int(finished.sum())
         k = config.samples_per_prompt
         for i, prompt in enumerate(chunk):
-            rows.append({
-                "prompt_id": start + i,
-                "prompt": prompt,
-                "responses": texts[i * k : (i + 1) * k],
-                "finished": finished[i * k : (i + 1) * k].tolist(),
-            })
+            rows.append(
+                {
+                    "prompt_id": start + i,
+                    "prompt": prompt,
+                    "responses": texts[i * k : (i + 1) * k],
+                    "finished": finished[i * k : (i + 1) * k].tolist(),
+                }
+            )
         emit("sample_pairs", "progress", step=min(start + config.batch_size, len(prompts)), total=len(prompts))
     write_jsonl(args.out / "samples.jsonl", rows)
     n_samples = len(rows) * config.samples_per_prompt

@@ -1,6 +1,6 @@
 """Stage `sft`: supervised fine-tuning of the base model on demonstrations (loss on response tokens).
 
-    python -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json
+python -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints, config_part
 from rlhf.config import load_params
-from rlhf.guards import NonFiniteError
-from rlhf.modeling import load_policy, max_positions, load_tokenizer, set_seed
 from rlhf.files import replace_folder, staging_folder, write_json
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
+from rlhf.guards import NonFiniteError
+from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.training import train_sft
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
+from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
 
 BASE_DIR, SFT_DIR, OUT_DIR = Path("models/base"), Path("data/sft"), Path("models/sft")
 METRICS = Path("metrics/sft.json")
@@ -49,10 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(seed)
     model = load_policy(args.base)
     # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
-    checkpoints = ResumeCheckpoints.for_stage("sft", params.sft.resume_every, config_part(params.sft), seed, args.data, args.base,
-                                              notify=lambda event, fields: emit("sft", event, **fields))
+    checkpoints = ResumeCheckpoints.for_stage(
+        "sft",
+        params.sft.resume_every,
+        config_part(params.sft),
+        seed,
+        args.data,
+        args.base,
+        notify=lambda event, fields: emit("sft", event, **fields),
+    )
     try:
-        metrics = train_sft(model, tokenizer, train_rows, eval_rows, params.sft, seed, progress_logger("sft"), checkpoints)
+        metrics = train_sft(
+            model, tokenizer, train_rows, eval_rows, params.sft, seed, progress_logger("sft"), checkpoints
+        )
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
     staging = staging_folder(args.out)

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import REPO, run_stage, tiny_params, write_params
 
 from pipeline.workspace import stage_names
-from support import REPO, run_stage, tiny_params, write_params
+
 
 @pytest.fixture(scope="session")
 def pipeline_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -34,5 +35,3 @@ def in_copy_of_workspace(pipeline_workspace: Path, tmp_path: Path, monkeypatch: 
     shutil.copytree(pipeline_workspace, copy)
     monkeypatch.chdir(copy)
     return copy
-
-

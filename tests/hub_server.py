@@ -86,7 +86,7 @@ class HubServer:
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -199,7 +199,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         raise HubError(failures.pop(0), f"injected failure of {kind}")
                     if kind != "lfs-put" and self.headers.get("Authorization") != f"Bearer {hub.token}":
                         raise HubError(401, "Invalid credentials in Authorization header")
-                    status, answer, headers = getattr(self, "on_" + kind.replace("-", "_"))(params, body, parse_qs(url.query))
+                    status, answer, headers = getattr(self, "on_" + kind.replace("-", "_"))(
+                        params, body, parse_qs(url.query)
+                    )
                 except HubError as error:
                     headers = {"X-Error-Code": error.code} if error.code else {}
                     self.send(error.status, {"error": str(error)}, {**headers, "X-Error-Message": str(error)})
@@ -302,7 +304,15 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             sha = hub.new_commit(repo, repo.branches[branch], tree, message)
             repo.branches[branch] = sha
             hub.commit_count += 1
-            return 200, {"commitOid": sha, "commitUrl": f"{hub.endpoint}/{params['repo']}/commit/{sha}", "pullRequestUrl": None}, {}
+            return (
+                200,
+                {
+                    "commitOid": sha,
+                    "commitUrl": f"{hub.endpoint}/{params['repo']}/commit/{sha}",
+                    "pullRequestUrl": None,
+                },
+                {},
+            )
 
         def on_tag(self, params, body, query):
             repo = self.repo(params)
@@ -323,8 +333,10 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def on_refs(self, params, body, query):
             repo = self.repo(params)
+
             def refs(kind, table):
                 return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": sha} for n, sha in table.items()]
+
             return 200, {"branches": refs("heads", repo.branches), "tags": refs("tags", repo.tags), "converts": []}, {}
 
         def on_tree(self, params, body, query):
@@ -345,7 +357,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             repo = self.repo(params)
             sha = self.commit_of(repo, params.get("rev", "main"))
             siblings = [{"rfilename": path} for path in sorted(repo.commits[sha])]
-            return 200, {"id": unquote(params["repo"]), "sha": sha, "private": repo.private, "siblings": siblings, "tags": []}, {}
+            return (
+                200,
+                {"id": unquote(params["repo"]), "sha": sha, "private": repo.private, "siblings": siblings, "tags": []},
+                {},
+            )
 
         def on_resolve(self, params, body, query):
             repo = self.repo(params)

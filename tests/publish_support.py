@@ -31,8 +31,15 @@ def make_release_workspace(root: Path) -> Path:
     model.save_pretrained(release)
     tokenizer.save_pretrained(release)
     (release / "README.md").write_text("---\nlicense: mit\nlibrary_name: transformers\n---\n# tiny release\n")
-    lock = {"schema": "2.0", "stages": {"release": {"cmd": "python -m tasks.release",
-                                                    "outs": [{"path": "models/release", "md5": RELEASE_MD5 + ".dir"}]}}}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "release": {
+                "cmd": "python -m tasks.release",
+                "outs": [{"path": "models/release", "md5": RELEASE_MD5 + ".dir"}],
+            }
+        },
+    }
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     (root / "metrics").mkdir()
     (root / "metrics/evaluate.json").write_text(json.dumps(PASSING))
@@ -42,8 +49,13 @@ def make_release_workspace(root: Path) -> Path:
 def use_endpoint(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client in this process: online, classic LFS, ``endpoint`` as the Hub (its constants are read at import)."""
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    settings = {"HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True, "HF_HUB_DISABLE_TELEMETRY": True, "ENDPOINT": endpoint,
-                "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}"}
+    settings = {
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    }
     for name, value in settings.items():
         monkeypatch.setattr(constants, name, value)
 

@@ -24,8 +24,9 @@ def tiny_params() -> dict:
     params["sft"].update(steps=60, batch_size=32, warmup_steps=5, eval_every=30)
     params["sample_pairs"].update(n_prompts=48, samples_per_prompt=3)
     params["reward"].update(epochs=1, batch_size=16, warmup_steps=2)
-    params["ppo"].update(iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2,
-                         snapshot_every=1)  # 2 policy snapshots
+    params["ppo"].update(
+        iterations=2, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2, snapshot_every=1
+    )  # 2 policy snapshots
     params["evaluate"].update(n_prompts=8, samples_per_prompt=2, snapshot_prompts=4, bootstrap_resamples=200)
     return params
 
@@ -45,8 +46,13 @@ def git_env() -> dict[str, str]:
     """Environment for subprocesses: this interpreter first on PATH, a git identity, no DVC analytics."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="ci",
+        GIT_AUTHOR_EMAIL="ci@example.invalid",
+        GIT_COMMITTER_NAME="ci",
+        GIT_COMMITTER_EMAIL="ci@example.invalid",
+    )
     return env
 
 
@@ -59,6 +65,11 @@ def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
     if (REPO / "data/human_labels").exists():
         shutil.copytree(REPO / "data/human_labels", repo / "data/human_labels")
     write_params(repo, params or tiny_params())
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"]):
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny pipeline"],
+    ):
         subprocess.run(command, cwd=repo, env=git_env(), check=True, capture_output=True)
     return repo

@@ -58,8 +58,13 @@ def imported_modules(tree: ast.AST, module: str) -> Iterator[tuple[int, str]]:
             yield node.lineno, name
             for alias in node.names:  # `from rlhf import data` imports the module rlhf.data
                 yield node.lineno, f"{name}.{alias.name}"
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str) and _call_name(node.func) in {"__import__", "import_module"}:
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and _call_name(node.func) in {"__import__", "import_module"}
+        ):
             yield node.lineno, node.args[0].value
 
 
@@ -121,8 +126,11 @@ def _is_light(name: str) -> bool:
 def light_module_violations(source: str, filename: str = "<source>", module: str = "pipeline.module") -> list[str]:
     """pipeline's light modules: the standard library, PyYAML and each other only."""
     allowed = set(sys.stdlib_module_names) | LIGHT_ALLOWED_THIRD_PARTY | {"__future__"}
-    found = [(line, name) for line, name in imported_modules(ast.parse(source, filename), module)
-             if _top(name) not in allowed and name != "pipeline" and not _is_light(name)]
+    found = [
+        (line, name)
+        for line, name in imported_modules(ast.parse(source, filename), module)
+        if _top(name) not in allowed and name != "pipeline" and not _is_light(name)
+    ]
     return [f"{filename}:{line}: imports {name}" for line, name in _first_per_line(found)]
 
 
@@ -151,7 +159,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = 2
@@ -169,8 +177,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def check_package(package: str, rule) -> list[str]:
     """``rule`` applied to every module of ``package``: the violations, each naming file and line."""
-    return [violation for path in source_files(package)
-            for violation in rule(path.read_text(), str(path.relative_to(REPO)), module_name(path))]
+    return [
+        violation
+        for path in source_files(package)
+        for violation in rule(path.read_text(), str(path.relative_to(REPO)), module_name(path))
+    ]
 
 
 def test_the_library_stays_inside_its_boundary() -> None:
@@ -199,7 +210,7 @@ def test_no_import_cycle_between_modules() -> None:
 
 # ----------------------------------------------------------------------------------------------- the rules can fail
 
-PLANTED = '''
+PLANTED = """
 import subprocess
 import prefect
 from flows.stages import run_stage
@@ -225,7 +236,7 @@ def shell():
 
 def sneaky():
     __import__("dvc.repo")
-'''
+"""
 
 
 def test_each_library_rule_catches_a_planted_violation(tmp_path: Path) -> None:
@@ -233,21 +244,34 @@ def test_each_library_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     planted.parent.mkdir()
     planted.write_text(PLANTED)
     found = "\n".join(library_violations(planted.read_text(), "planted.py", "rlhf.planted"))
-    for expected in ("2: imports subprocess", "3: imports prefect", "4: imports flows.stages", "5: imports pipeline",
-                     "6: imports tasks.stage_io", "7: imports ctypes", "10: exits the process (sys.exit)",
-                     "13: exits the process (os._exit)", "16: exits the process (SystemExit)",
-                     "19: tunes the process's malloc (mallopt)", "23: starts a process (os.system)",
-                     "26: imports dvc.repo"):
+    for expected in (
+        "2: imports subprocess",
+        "3: imports prefect",
+        "4: imports flows.stages",
+        "5: imports pipeline",
+        "6: imports tasks.stage_io",
+        "7: imports ctypes",
+        "10: exits the process (sys.exit)",
+        "13: exits the process (os._exit)",
+        "16: exits the process (SystemExit)",
+        "19: tunes the process's malloc (mallopt)",
+        "23: starts a process (os.system)",
+        "26: imports dvc.repo",
+    ):
         assert f"planted.py:{expected}" in found, expected
     assert library_violations("import json\nfrom rlhf.files import write_json\n") == []
 
 
 def test_the_stage_and_light_module_rules_catch_planted_violations() -> None:
-    source = ("from prefect import flow\nimport dvc.api\nfrom pipeline.hub import publish_release\n"
-              "from pipeline.lineage import git_commit\n")
+    source = (
+        "from prefect import flow\nimport dvc.api\nfrom pipeline.hub import publish_release\n"
+        "from pipeline.lineage import git_commit\n"
+    )
     assert [v.split(": ", 1)[0] for v in tasks_violations(source)] == ["<source>:1", "<source>:2", "<source>:3"]
-    light = ("import json\nimport yaml\nimport torch\nfrom pipeline.workspace import stage_names\n"
-             "from rlhf.files import path_digest\n")
+    light = (
+        "import json\nimport yaml\nimport torch\nfrom pipeline.workspace import stage_names\n"
+        "from rlhf.files import path_digest\n"
+    )
     assert light_module_violations(light) == ["<source>:3: imports torch", "<source>:5: imports rlhf.files"]
     assert tasks_violations("from pipeline import hub\n") == ["<source>:1: imports pipeline.hub"]
 
@@ -260,8 +284,13 @@ def test_a_planted_import_cycle_is_found(tmp_path: Path) -> None:
     (tmp_path / "pipeline/cli.py").write_text("def main():\n    from flows.run import go\n")  # lazy, still a cycle
     (tmp_path / "pipeline/workspace.py").write_text("import yaml\n")
     graph = import_graph(tmp_path, ("flows", "pipeline"))
-    assert graph == {"flows": set(), "flows.run": {"pipeline.cli"}, "pipeline": set(), "pipeline.cli": {"flows.run"},
-                     "pipeline.workspace": set()}
+    assert graph == {
+        "flows": set(),
+        "flows.run": {"pipeline.cli"},
+        "pipeline": set(),
+        "pipeline.cli": {"flows.run"},
+        "pipeline.workspace": set(),
+    }
     assert find_cycle(graph) == ["flows.run", "pipeline.cli", "flows.run"]
     (tmp_path / "pipeline/cli.py").write_text("def main():\n    from pipeline.workspace import stage_names\n")
     assert find_cycle(import_graph(tmp_path, ("flows", "pipeline"))) is None

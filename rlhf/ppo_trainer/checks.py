@@ -19,13 +19,18 @@ class NonFiniteIteration(NonFiniteError):
 
     def __init__(self, iteration: int, quantity: str, value: float | str, hint: str, when: str) -> None:
         self.stage, self.step, self.quantity, self.value = "ppo", iteration, quantity, value
-        RuntimeError.__init__(self, f"ppo: non-finite {quantity} ({value}) at iteration {iteration}, {when}; this iteration is neither "
-                                    f"logged nor saved, final outputs not written. Hint: {hint}")
+        RuntimeError.__init__(
+            self,
+            f"ppo: non-finite {quantity} ({value}) at iteration {iteration}, {when}; this iteration is neither "
+            f"logged nor saved, final outputs not written. Hint: {hint}",
+        )
 
 
 def divergence_hint(config: PPOConfig) -> str:
-    return (f"lower ppo.learning_rate (now {config.learning_rate}) or ppo.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
-            + ("; or set ppo.mixed_precision: \"no\"" if config.mixed_precision != "no" else ""))
+    return (
+        f"lower ppo.learning_rate (now {config.learning_rate}) or ppo.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
+        + ('; or set ppo.mixed_precision: "no"' if config.mixed_precision != "no" else "")
+    )
 
 
 def check_rollout(batch: Experience, iteration: int, config: PPOConfig) -> None:
@@ -37,11 +42,21 @@ def check_rollout(batch: Experience, iteration: int, config: PPOConfig) -> None:
     if scores:
         hint = "the reward model (models/reward) scored a response NaN/inf: check models/reward/reward_normalization.json and rerun the reward stage"
         raise NonFiniteIteration(iteration, *scores, hint, "before the optimiser steps")
-    found = first_non_finite(logprobs=token(batch.logprobs), ref_logprobs=token(batch.ref_logprobs), values=token(batch.values),
-                             rewards=token(batch.rewards), advantages=token(batch.advantages), returns=token(batch.returns))
+    found = first_non_finite(
+        logprobs=token(batch.logprobs),
+        ref_logprobs=token(batch.ref_logprobs),
+        values=token(batch.values),
+        rewards=token(batch.rewards),
+        advantages=token(batch.advantages),
+        returns=token(batch.returns),
+    )
     if found:
-        raise NonFiniteIteration(iteration, *found, divergence_hint(config) + " (the policy or value model diverged in an earlier iteration)",
-                                 "before the optimiser steps")
+        raise NonFiniteIteration(
+            iteration,
+            *found,
+            divergence_hint(config) + " (the policy or value model diverged in an earlier iteration)",
+            "before the optimiser steps",
+        )
 
 
 def check_update(record: dict, module: nn.Module, iteration: int, config: PPOConfig, accelerator: Accelerator) -> None:
@@ -50,7 +65,12 @@ def check_update(record: dict, module: nn.Module, iteration: int, config: PPOCon
     A NaN loss makes NaN gradients and weights at once; a finite loss with an overflowing gradient can too, hence the
     weight check (one pass over the trained tensors; a sum over processes so sharded weights stop every rank).
     """
-    found = first_non_finite(**{name.removeprefix("ppo/loss/") + "_loss": record[name] for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value")})
+    found = first_non_finite(
+        **{
+            name.removeprefix("ppo/loss/") + "_loss": record[name]
+            for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value")
+        }
+    )
     if not found:
         trained = [p.detach() for p in module.parameters() if p.requires_grad]
         bad = torch.zeros((), device=accelerator.device)
@@ -61,4 +81,6 @@ def check_update(record: dict, module: nn.Module, iteration: int, config: PPOCon
         count = reduce_means({"count": bad}, accelerator)["count"] * accelerator.num_processes
         found = ("weights", f"{round(count)} values") if count else None
     if found:
-        raise NonFiniteIteration(iteration, *found, divergence_hint(config), "after its optimiser steps (its update is discarded)")
+        raise NonFiniteIteration(
+            iteration, *found, divergence_hint(config), "after its optimiser steps (its update is discarded)"
+        )

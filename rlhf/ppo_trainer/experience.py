@@ -19,20 +19,31 @@ from rlhf.rollout import Experience, joined, response_logprobs, response_values,
 from rlhf.sampling import sample
 
 
-def iteration_prompts(prompts: list[str], config: PPOConfig, streams: dict[str, torch.Generator], rank: int, world_size: int
-                      ) -> tuple[list[str], torch.Tensor | None]:
+def iteration_prompts(
+    prompts: list[str], config: PPOConfig, streams: dict[str, torch.Generator], rank: int, world_size: int
+) -> tuple[list[str], torch.Tensor | None]:
     """Step 1: the global batch of prompts (no prompt twice), drawn from the stream all ranks share, and this rank's
     episodes r, r+N, … of it; with ``sampling_seeds: per_episode`` also their (b, t) sampling uniforms."""
     batch_index = torch.randperm(len(prompts), generator=streams["prompts"])[: config.rollout_batch_size].tolist()
     local_prompts = shard_for_rank([prompts[i] for i in batch_index], rank, world_size)
     uniforms = None
     if config.sampling_seeds == "per_episode":
-        uniforms = shard_for_rank(torch.rand(config.rollout_batch_size, config.response_length, generator=streams["uniforms"]), rank, world_size)
+        uniforms = shard_for_rank(
+            torch.rand(config.rollout_batch_size, config.response_length, generator=streams["uniforms"]),
+            rank,
+            world_size,
+        )
     return local_prompts, uniforms
 
 
-def roll_out(models: PPOModels, module: nn.Module, prompts: list[str], uniforms: torch.Tensor | None, config: PPOConfig,
-             accelerator: Accelerator) -> Experience:
+def roll_out(
+    models: PPOModels,
+    module: nn.Module,
+    prompts: list[str],
+    uniforms: torch.Tensor | None,
+    config: PPOConfig,
+    accelerator: Accelerator,
+) -> Experience:
     """Steps 2–4 on this process's prompts with the prepared (wrapped) ``module``: unwrapped, in eval mode, under
     autocast, with whole weights under FSDP (:func:`~rlhf.ppo_trainer.processes.full_parameters`)."""
     with full_parameters(accelerator, module), accelerator.autocast():
@@ -47,7 +58,12 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 def policy_logprobs_and_values(
-    trainable: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, temperature: float
+    trainable: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, t) log-probs of the response tokens (logits / temperature) and (b, t) values V(s_i) before each token."""
     input_ids, attention_mask = joined(query_ids, query_mask, responses, response_mask)
@@ -57,7 +73,13 @@ def policy_logprobs_and_values(
 
 
 def reference_logprobs(
-    models: PPOModels, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, temperature: float
+    models: PPOModels,
+    policy: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     """(b, t) log-probs under the frozen SFT reference: its own copy, or with LoRA the policy with the adapter off."""
     args = (query_ids, query_mask, responses, response_mask, temperature)
@@ -90,16 +112,27 @@ def collect_experience(
     # 2. generate with the KV cache: the lean decoder when the trainable module runs lean, which also records the
     # old log-probs and a value head's inputs; otherwise generate(), except that without uniforms a policy the lean
     # decoder supports still takes it (FSDP, DeepSpeed: only the training forwards must leave the lean path)
-    sampled = sample(trainable.policy, query_ids, query_mask, config.response_length, config.temperature, tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, uniforms=None if uniforms is None else uniforms.to(device),
-                     keep_hidden=lean and value_head is not None, lean=True if lean else None if uniforms is None else False)
+    sampled = sample(
+        trainable.policy,
+        query_ids,
+        query_mask,
+        config.response_length,
+        config.temperature,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        uniforms=None if uniforms is None else uniforms.to(device),
+        keep_hidden=lean and value_head is not None,
+        lean=True if lean else None if uniforms is None else False,
+    )
     sampled_logprobs = sampled_values = None
     if lean and config.rollout_logprobs == "sampler":
         sampled_logprobs = sampled.logprobs
         if value_head is not None:
             sampled_values = value_head(sampled.hidden.to(value_head.weight.dtype)).squeeze(-1)
     # 3. EOS trick: everything after the first EOS is padding and masked; columns past the longest response dropped
-    responses, response_mask, contains_eos = ppo.truncate_after_stop_token(sampled.responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, response_mask, contains_eos = ppo.truncate_after_stop_token(
+        sampled.responses, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     columns = max(1, int(response_mask.sum(1).max()))
     responses, response_mask = responses[:, :columns], response_mask[:, :columns]
     # 4. forwards in chunks (memory stays bounded for real models)
@@ -110,7 +143,11 @@ def collect_experience(
             logprobs, values = policy_logprobs_and_values(trainable, *args, config.temperature)
         else:
             logprobs = sampled_logprobs[rows, :columns]
-            values = sampled_values[rows, :columns] if sampled_values is not None else response_values(trainable.critic, *args)
+            values = (
+                sampled_values[rows, :columns]
+                if sampled_values is not None
+                else response_values(trainable.critic, *args)
+            )
         parts["logprobs"].append(logprobs)
         parts["values"].append(values)
         parts["ref_logprobs"].append(reference_logprobs(models, trainable.policy, *args, config.temperature))
@@ -131,10 +168,14 @@ def collect_experience(
     )
 
 
-def add_advantages(experience: Experience, config: PPOConfig, kl_coef: float, all_reduce_sum: ppo.AllReduceSum) -> Experience:
+def add_advantages(
+    experience: Experience, config: PPOConfig, kl_coef: float, all_reduce_sum: ppo.AllReduceSum
+) -> Experience:
     """Steps 5–6: per-token rewards (−β·KL, RM score at the last real token), GAE, whitened advantages."""
     mask = experience.response_mask
-    rewards, kl, _ = ppo.compute_rewards(experience.scores, experience.logprobs, experience.ref_logprobs, mask, kl_coef, config.kl_estimator)
+    rewards, kl, _ = ppo.compute_rewards(
+        experience.scores, experience.logprobs, experience.ref_logprobs, mask, kl_coef, config.kl_estimator
+    )
     if config.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=all_reduce_sum)
     advantages, returns = ppo.gae_advantages(rewards, experience.values, mask, config.gamma, config.lam)

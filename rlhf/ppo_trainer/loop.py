@@ -106,12 +106,18 @@ def train_ppo(
         step_stats = optimise(prepared, batch, config, accelerator, streams["shuffle"])
         timings["timing/optimise"] = time.perf_counter() - optimise_started
         # 8. the adaptive KL controller, on the global batch's mean sequence KL
-        record = {"step": iteration + 1, "total": config.iterations, "episodes": (iteration + 1) * config.rollout_batch_size}
+        record = {
+            "step": iteration + 1,
+            "total": config.iterations,
+            "episodes": (iteration + 1) * config.rollout_batch_size,
+        }
         record.update(rollout_metrics(batch, kl_coef))
         kl_controller.update(record["objective/kl"], config.rollout_batch_size)
         # 9. metrics: optimisation statistics averaged over processes (one collective), then the update's own checks
         record["lr"] = prepared.optimizer.param_groups[0]["lr"]
-        record.update(reduce_means({name: torch.stack(values).mean() for name, values in step_stats.items()}, accelerator))
+        record.update(
+            reduce_means({name: torch.stack(values).mean() for name, values in step_stats.items()}, accelerator)
+        )
         check_update(record, prepared.module, iteration + 1, config, accelerator)
         after_iteration()
         timings["timing/iteration"] = time.perf_counter() - started

@@ -16,22 +16,40 @@ def model_inputs(batch: Experience) -> tuple[torch.Tensor, torch.Tensor]:
     return joined(batch.query_ids, batch.query_mask, batch.responses, batch.response_mask)
 
 
-def policy_side_loss(response_logits: torch.Tensor, batch: Experience, config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_side_loss(
+    response_logits: torch.Tensor, batch: Experience, config: PPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(b, t, vocab) logits → clipped surrogate − c2 · entropy (the terms whose gradient reaches the policy)."""
     logprobs = ppo.logprobs_from_logits(response_logits, batch.responses, config.temperature)
     # without an entropy bonus the entropy is only reported: keep it out of the graph (no backward through it)
-    entropy = ppo.entropy_from_logits(response_logits if config.ent_coef else response_logits.detach(), config.temperature)
-    pg_loss, pg_stats = ppo.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range)
+    entropy = ppo.entropy_from_logits(
+        response_logits if config.ent_coef else response_logits.detach(), config.temperature
+    )
+    pg_loss, pg_stats = ppo.policy_loss(
+        logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range
+    )
     mean_entropy = ppo.masked_mean(entropy, batch.response_mask)
-    stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/policy/entropy": mean_entropy.detach(),
-             "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/clipfrac": pg_stats["clipfrac"]}
+    stats = {
+        "ppo/loss/policy": pg_loss.detach(),
+        "ppo/policy/entropy": mean_entropy.detach(),
+        "ppo/policy/approxkl": pg_stats["approxkl"],
+        "ppo/policy/clipfrac": pg_stats["clipfrac"],
+    }
     return pg_loss - config.ent_coef * mean_entropy, stats
 
 
-def value_side_loss(new_values: torch.Tensor, batch: Experience, config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_side_loss(
+    new_values: torch.Tensor, batch: Experience, config: PPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(b, t) values → c1 · clipped value loss (the term whose gradient reaches the critic or value head)."""
-    vf_loss, vf_stats = ppo.value_loss(new_values, batch.values, batch.returns, batch.response_mask, config.clip_range_value)
-    stats = {"ppo/loss/value": vf_loss.detach(), "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/vpred": vf_stats["mean_value"]}
+    vf_loss, vf_stats = ppo.value_loss(
+        new_values, batch.values, batch.returns, batch.response_mask, config.clip_range_value
+    )
+    stats = {
+        "ppo/loss/value": vf_loss.detach(),
+        "ppo/val/clipfrac": vf_stats["clipfrac"],
+        "ppo/val/vpred": vf_stats["mean_value"],
+    }
     return config.vf_coef * vf_loss, stats
 
 

@@ -33,7 +33,12 @@ def separate_backward_applies(module: nn.Module, accelerator: Accelerator) -> bo
 
 
 def policy_then_critic_backward(
-    module: PolicyAndCritic, batch: Experience, config: PPOConfig, weight: float, accelerator: Accelerator, bf16_weights: Bf16Weights | None
+    module: PolicyAndCritic,
+    batch: Experience,
+    config: PPOConfig,
+    weight: float,
+    accelerator: Accelerator,
+    bf16_weights: Bf16Weights | None,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch's forward and backward on one process: the policy's, then the critic's.
 
@@ -45,12 +50,17 @@ def policy_then_critic_backward(
     input_ids, attention_mask = model_inputs(batch)
     start = batch.query_ids.shape[1]
     losses, stats = [], {}
-    for part, forward, side_loss in ((module.policy, module.policy_logits, policy_side_loss), (module.critic, module.critic_values, value_side_loss)):
+    for part, forward, side_loss in (
+        (module.policy, module.policy_logits, policy_side_loss),
+        (module.critic, module.critic_values, value_side_loss),
+    ):
         if bf16_weights is not None:
             bf16_weights.compute(part)
         with accelerator.autocast():
             output = forward(input_ids, attention_mask, start)
-        loss, part_stats = side_loss(output.float(), batch, config)  # fp32 loss, as accelerate returns the joint forward's outputs
+        loss, part_stats = side_loss(
+            output.float(), batch, config
+        )  # fp32 loss, as accelerate returns the joint forward's outputs
         accelerator.backward(loss * weight)
         if bf16_weights is not None:
             bf16_weights.master(part)
@@ -80,8 +90,12 @@ class Bf16Weights:
 
     @staticmethod
     def applies(module: nn.Module, config: PPOConfig, accelerator: Accelerator) -> bool:
-        return (accelerator.mixed_precision == "bf16" and accelerator.distributed_type == DistributedType.NO
-                and config.gradient_accumulation_steps == 1 and all(p.requires_grad for p in module.parameters()))
+        return (
+            accelerator.mixed_precision == "bf16"
+            and accelerator.distributed_type == DistributedType.NO
+            and config.gradient_accumulation_steps == 1
+            and all(p.requires_grad for p in module.parameters())
+        )
 
     def compute(self, part: nn.Module | None = None) -> None:
         """Before a forward: the parameters (of ``part``, default all) hold bf16 casts of the masters (which are kept)."""

@@ -38,23 +38,35 @@ class PolicyAndCritic(nn.Module):
         self.critic = critic
         self.lean = lean_gpt2.supports(policy) and lean_gpt2.supports(critic)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, s) ids → policy logits (b, s', vocab) and critic values (b, s'): every position (s' = s), or with
         ``response_start`` = q only the positions q−1 … s−2 that predict the response tokens (s' = s − q)."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         if self.lean:
-            return self.policy_logits(input_ids, attention_mask, response_start), self.critic_values(input_ids, attention_mask, response_start)
+            return self.policy_logits(input_ids, attention_mask, response_start), self.critic_values(
+                input_ids, attention_mask, response_start
+            )
         position_ids = position_ids_from_mask(attention_mask)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+        hidden = self.critic.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return logits[:, keep], self.critic.score(hidden[:, keep]).squeeze(-1)
 
-    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> torch.Tensor:
+    def policy_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
+    ) -> torch.Tensor:
         """Lean path only: the policy half of :meth:`forward` (the LM head only where it is read)."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         return lean_gpt2.lm_logits(self.policy, lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep])
 
-    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> torch.Tensor:
+    def critic_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
+    ) -> torch.Tensor:
         """Lean path only: the critic half of :meth:`forward`."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         return self.critic.score(lean_gpt2.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
@@ -73,12 +85,16 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head
         self.lean = lean_gpt2.supports(policy)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, s) ids → policy logits (b, s', vocab) and values (b, s'); ``response_start`` as in PolicyAndCritic."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         if self.lean:
             hidden = lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep]
-            return lean_gpt2.lm_logits(self.policy, hidden), self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            return lean_gpt2.lm_logits(self.policy, hidden), self.value_head(
+                hidden.to(self.value_head.weight.dtype)
+            ).squeeze(-1)
         output = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -94,7 +110,9 @@ class PolicyWithValueHead(nn.Module):
 class PPOModels:
     policy: nn.Module  # trained; initialised from SFT (a peft model when LoRA is on)
     reference: PreTrainedModel | None  # frozen SFT copy for the KL penalty; None with LoRA (= policy, adapter disabled)
-    critic: PreTrainedModel | None  # separate critic, trained; initialised from the RM (or a zero head); None with a value head
+    critic: (
+        PreTrainedModel | None
+    )  # separate critic, trained; initialised from the RM (or a zero head); None with a value head
     reward_model: PreTrainedModel  # frozen
     reward_normalization: RewardNormalization
     tokenizer: PreTrainedTokenizerBase
@@ -127,4 +145,6 @@ def load_ppo_models(config: PPOConfig, sft_path: str | Path, reward_path: str | 
                 enable_gradient_checkpointing(model)
     if config.lora_rank:
         policy = add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_target_modules)
-    return PPOModels(policy, reference, critic, reward_model, RewardNormalization.load(reward_path), tokenizer, value_head)
+    return PPOModels(
+        policy, reference, critic, reward_model, RewardNormalization.load(reward_path), tokenizer, value_head
+    )

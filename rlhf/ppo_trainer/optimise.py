@@ -37,7 +37,9 @@ def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelera
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # No dataloader to infer the micro-batch from (TRL's PPO sets it the same way); DeepSpeed clips gradients itself.
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        deepspeed_config["train_micro_batch_size_per_gpu"] = config.derived(accelerator.num_processes)["micro_batch_size"]
+        deepspeed_config["train_micro_batch_size_per_gpu"] = config.derived(accelerator.num_processes)[
+            "micro_batch_size"
+        ]
         deepspeed_config["gradient_clipping"] = config.max_grad_norm
     module, optimizer = accelerator.prepare(trainable, optimizer)
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -63,7 +65,11 @@ def anneal_learning_rate(optimizer: torch.optim.Optimizer, config: PPOConfig, it
 
 
 def optimise(
-    prepared: PreparedTraining, batch: Experience, config: PPOConfig, accelerator: Accelerator, shuffle_generator: torch.Generator
+    prepared: PreparedTraining,
+    batch: Experience,
+    config: PPOConfig,
+    accelerator: Accelerator,
+    shuffle_generator: torch.Generator,
 ) -> dict[str, list[torch.Tensor]]:
     """Step 7: K epochs over global minibatches of ``batch`` (the gathered rollout batch); returns per-micro-batch stats.
 
@@ -93,7 +99,9 @@ def optimise(
                     micro_batch = batch.select(micro.to(device)).trimmed()
                     weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
                     if separate:
-                        stats = policy_then_critic_backward(unwrapped, micro_batch, config, weight, accelerator, bf16_weights)
+                        stats = policy_then_critic_backward(
+                            unwrapped, micro_batch, config, weight, accelerator, bf16_weights
+                        )
                     else:
                         if bf16_weights is not None:
                             bf16_weights.compute()

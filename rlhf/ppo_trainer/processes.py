@@ -44,7 +44,9 @@ def make_accelerator(config: PPOConfig) -> Accelerator:
     world size 1 (measured; docs/design.md §8). The precision comes from params: the launch flag cannot contradict it.
     """
     cpu = launch_profile_uses_cpu(config.config_file) or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
     if accelerator.num_processes != config.num_processes:
         raise ConfigError(
             f"params.yaml: ppo.num_processes is {config.num_processes} but this process runs in a world of "
@@ -85,9 +87,13 @@ def gather_experience(experience: Experience, accelerator: Accelerator, pad_toke
         is_bool = value.dtype == torch.bool
         tensor = value.to(torch.uint8) if is_bool else value
         if name in Experience.QUERY_FIELDS:
-            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_token_id if name == "query_ids" else 0, pad_first=True)
+            tensor = accelerator.pad_across_processes(
+                tensor, dim=1, pad_index=pad_token_id if name == "query_ids" else 0, pad_first=True
+            )
         elif name in Experience.RESPONSE_FIELDS:
-            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_token_id if name == "responses" else 0)
+            tensor = accelerator.pad_across_processes(
+                tensor, dim=1, pad_index=pad_token_id if name == "responses" else 0
+            )
         tensor = accelerator.gather(tensor.contiguous())
         gathered[name] = tensor.bool() if is_bool else tensor
     order = global_episode_order(experience.query_ids.shape[0], accelerator.num_processes)

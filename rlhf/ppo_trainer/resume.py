@@ -26,26 +26,50 @@ from rlhf.ppo_trainer.optimise import PreparedTraining
 from rlhf.ppo_trainer.processes import processes_of
 
 
-def stage_checkpoints(config: PPOConfig, seed: int, accelerator: Accelerator, inputs: tuple[Path, ...],
-                      notify: Callable[[str, dict], None]) -> ResumeCheckpoints:
+def stage_checkpoints(
+    config: PPOConfig,
+    seed: int,
+    accelerator: Accelerator,
+    inputs: tuple[Path, ...],
+    notify: Callable[[str, dict], None],
+) -> ResumeCheckpoints:
     """The `ppo` stage's checkpoints in .rlhf/checkpoints/ppo, valid for the same params (but ppo.resume_every), seed,
     ``inputs`` and launch: the process count and distributed type are part of it (every rank restores its own RNG
     file, and the sampled episodes depend on the number of ranks), the launch profile's content too."""
     launch = {"num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
-    return ResumeCheckpoints.for_stage("ppo", config.resume_every, config_part(config), seed, launch, Path(config.config_file), *inputs,
-                                       notify=notify, processes=processes_of(accelerator), noun="resume checkpoint", unit="iteration")
+    return ResumeCheckpoints.for_stage(
+        "ppo",
+        config.resume_every,
+        config_part(config),
+        seed,
+        launch,
+        Path(config.config_file),
+        *inputs,
+        notify=notify,
+        processes=processes_of(accelerator),
+        noun="resume checkpoint",
+        unit="iteration",
+    )
 
 
-def open_checkpoints(checkpoints: ResumeCheckpoints, accelerator: Accelerator,
-                     validate: Callable[[dict], str | None] = lambda extras: None) -> dict | None:
+def open_checkpoints(
+    checkpoints: ResumeCheckpoints,
+    accelerator: Accelerator,
+    validate: Callable[[dict], str | None] = lambda extras: None,
+) -> dict | None:
     """Every process, before training: :meth:`~rlhf.checkpoint.ResumeCheckpoints.open` for this launch; returns the
     checkpoint's ``extras`` (None: a fresh start)."""
     checkpoints.processes = processes_of(accelerator)
     return checkpoints.open(validate, unsupported=unsupported_resume(accelerator))
 
 
-def restore_training(checkpoints: ResumeCheckpoints, accelerator: Accelerator, prepared: PreparedTraining,
-                     kl_controller: FixedKLController | AdaptiveKLController, generators: dict[str, torch.Generator]) -> list[dict]:
+def restore_training(
+    checkpoints: ResumeCheckpoints,
+    accelerator: Accelerator,
+    prepared: PreparedTraining,
+    kl_controller: FixedKLController | AdaptiveKLController,
+    generators: dict[str, torch.Generator],
+) -> list[dict]:
     """Every process, after :func:`~rlhf.ppo_trainer.optimise.prepare_training`: weights, optimiser state, KL
     coefficient and this rank's RNG streams as they were after the checkpoint's iteration; returns the metric history
     of the iterations before it ([] on a fresh start). Opens ``checkpoints`` first unless the caller did."""
@@ -62,15 +86,25 @@ def restore_training(checkpoints: ResumeCheckpoints, accelerator: Accelerator, p
     return list(state["history"])
 
 
-def save_training(checkpoints: ResumeCheckpoints, iteration: int, accelerator: Accelerator, prepared: PreparedTraining,
-                  generators: dict[str, torch.Generator], kl_coef: float, history: list[dict]) -> None:
+def save_training(
+    checkpoints: ResumeCheckpoints,
+    iteration: int,
+    accelerator: Accelerator,
+    prepared: PreparedTraining,
+    generators: dict[str, torch.Generator],
+    kl_coef: float,
+    history: list[dict],
+) -> None:
     """Every process (a collective): the checkpoint after ``iteration``; see the module docstring for its content."""
 
     def state() -> dict:  # main process only
         return {
             **trainable_state(accelerator.unwrap_model(prepared.module)),
             "optimizer": prepared.optimizer.state_dict(),
-            "scheduler": {"iteration": iteration, "lr": prepared.optimizer.param_groups[0]["lr"]},  # lr is a function of the iteration
+            "scheduler": {
+                "iteration": iteration,
+                "lr": prepared.optimizer.param_groups[0]["lr"],
+            },  # lr is a function of the iteration
             "kl_controller": {"value": float(kl_coef)},
             "iteration": iteration,
             "history": history,
@@ -95,7 +129,9 @@ def load_trainable_state(module: nn.Module, state: dict[str, dict[str, torch.Ten
     saved = {**state["policy"], **state["value"]}
     trained = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
     if set(saved) != trained:
-        raise CheckpointError(f"the checkpoint's trained tensors do not match the model (e.g. {sorted(set(saved) ^ trained)[:3]})")
+        raise CheckpointError(
+            f"the checkpoint's trained tensors do not match the model (e.g. {sorted(set(saved) ^ trained)[:3]})"
+        )
     _, unexpected = module.load_state_dict(saved, strict=False)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in the checkpoint: {unexpected[:3]}")

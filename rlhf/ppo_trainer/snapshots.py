@@ -26,8 +26,15 @@ from rlhf.ppo_trainer.resume import open_checkpoints
 
 def save_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PPOConfig, folder: Path) -> None:
     """A loadable policy folder whose generation config samples as in training."""
-    policy.generation_config.update(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.response_length,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy.generation_config.update(
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=config.response_length,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     policy.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -66,7 +73,9 @@ class PolicySnapshots:
                 policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
             if accelerator.is_main_process:
                 target = self.folder / f"step-{step}"
-                shutil.rmtree(target, ignore_errors=True)  # left by a run killed after writing it, before its resume checkpoint
+                shutil.rmtree(
+                    target, ignore_errors=True
+                )  # left by a run killed after writing it, before its resume checkpoint
                 save_policy(policy, self.tokenizer, self.config, target)
         self.written.append(step)
 
@@ -86,7 +95,9 @@ class PolicySnapshots:
     def resume_with(self, checkpoints: ResumeCheckpoints, accelerator: Accelerator) -> None:
         """Every process, before training: open the resume ``checkpoints`` (one whose snapshots are gone is discarded),
         cut the folder back to the snapshots of the checkpoint resumed, and record :attr:`written` in every later one."""
-        extras = open_checkpoints(checkpoints, accelerator, validate=lambda extras: self.missing(extras.get("policy_snapshots", [])))
+        extras = open_checkpoints(
+            checkpoints, accelerator, validate=lambda extras: self.missing(extras.get("policy_snapshots", []))
+        )
         if extras is not None:
             self.keep_only(extras.get("policy_snapshots", []), accelerator.is_main_process)
         accelerator.wait_for_everyone()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO, git_env, make_tiny_repo
 
 from pipeline.workspace import stage_names
-from support import REPO, git_env, make_tiny_repo
 
 pytestmark = pytest.mark.slow
 STAGES = stage_names(REPO)  # dvc.yaml order

@@ -30,13 +30,25 @@ def run_chromium(url: str, wait_ms: int, action: list[str], window: tuple[int, i
         raise FileNotFoundError("chromium not found: apt-get install --no-install-recommends chromium")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         command = [
-            executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            executable,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
             # a fresh profile that phones nowhere: the machine may be offline
-            "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={profile}",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
             # the flow run graph is WebGL: let it fall back to the software renderer
-            "--enable-unsafe-swiftshader", "--hide-scrollbars",
-            f"--window-size={window[0]},{window[1]}", f"--virtual-time-budget={wait_ms}", *action, url,
+            "--enable-unsafe-swiftshader",
+            "--hide-scrollbars",
+            f"--window-size={window[0]},{window[1]}",
+            f"--virtual-time-budget={wait_ms}",
+            *action,
+            url,
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=wait_ms / 1000 + 120)
     if result.returncode != 0:

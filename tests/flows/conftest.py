@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from server_support import SERVER_STARTUP_TIMEOUT_S, free_port, stop, wait_until_healthy, without_prefect_settings
 
 
@@ -32,7 +31,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=home, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=home,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until_healthy(api_url, process, log, SERVER_STARTUP_TIMEOUT_S)
         yield api_url

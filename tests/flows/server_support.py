@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from support import git_env
 
 SERVER_STARTUP_TIMEOUT_S = 90
@@ -30,8 +29,12 @@ def without_prefect_settings(env: dict[str, str]) -> dict[str, str]:
 def prefect_client_env(api_url: str, home: Path) -> dict[str, str]:
     """Environment for a process (e.g. `rlhf run`) that reports its runs to the server at `api_url`."""
     env = without_prefect_settings(git_env())
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_UI_URL=ui_root(api_url),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_UI_URL=ui_root(api_url),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     return env
 
 

@@ -37,8 +37,8 @@ from prefect.client.schemas.objects import FlowRun, StateType  # noqa: E402
 from prefect.flow_runs import resume_flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
 from support import REPO  # noqa: E402
+
 from flows.labeling import append_labels, collect_human_labels, pending_pairs, records_from_answers  # noqa: E402
 
 FLOW_NAME = "rlhf-human-labels"
@@ -89,14 +89,18 @@ def wait_for_form(pause_key: str, timeout_s: float = 30) -> tuple[FlowRun, dict,
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                ),
             )
             for run in runs:
                 details = run.state.state_details
                 if details.pause_key == pause_key and details.run_input_keyset:
                     try:  # the flow stores the form just after entering PAUSED
                         schema = json.loads(client.read_flow_run_input(run.id, details.run_input_keyset["schema"]))
-                        description = json.loads(client.read_flow_run_input(run.id, details.run_input_keyset["description"]))
+                        description = json.loads(
+                            client.read_flow_run_input(run.id, details.run_input_keyset["description"])
+                        )
                     except Exception:
                         continue
                     return run, schema, description
@@ -118,7 +122,15 @@ def expected_rows(batch: list[dict], choices: list[str], annotator: str) -> list
     for pair, choice in zip(batch, choices):
         if choice != "skip":
             chosen, rejected = (pair["response_a"], pair["response_b"])[:: 1 if choice == "A" else -1]
-            rows.append({"pair_id": pair["pair_id"], "prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "annotator": annotator})
+            rows.append(
+                {
+                    "pair_id": pair["pair_id"],
+                    "prompt": pair["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "annotator": annotator,
+                }
+            )
     return rows
 
 
@@ -167,7 +179,9 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     assert not {p["pair_id"] for p in batch_2} & {p["pair_id"] for p in batch_1}
     assert_form_shows(schema, description, batch_2)
     choices_2 = ["B", "A", "A", "B"]
-    resume_flow_run(run.id, run_input={"annotator": "alice", **{f"pair_{k}": c for k, c in enumerate(choices_2, start=1)}})
+    resume_flow_run(
+        run.id, run_input={"annotator": "alice", **{f"pair_{k}": c for k, c in enumerate(choices_2, start=1)}}
+    )
 
     thread.join(timeout=60)
     assert not thread.is_alive() and "error" not in outcome, outcome
@@ -185,7 +199,11 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
 
     # The flow continued into the label stage, which built the preference splits from the human labels.
     assert result["label_stage"]["annotator"] == "human"
-    preferences = [json.loads(line) for split in ("train", "eval") for line in (repo / f"data/preferences/{split}.jsonl").read_text().splitlines()]
+    preferences = [
+        json.loads(line)
+        for split in ("train", "eval")
+        for line in (repo / f"data/preferences/{split}.jsonl").read_text().splitlines()
+    ]
     assert result["label_stage"]["n_train"] > 0 and result["label_stage"]["n_eval"] > 0
     assert sorted(p["pair_id"] for p in preferences) == sorted(row["pair_id"] for row in rows)
 
@@ -193,7 +211,9 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     assert summary is not None and "| 1 | 4 | 3 | 1 |" in summary.data and "| 2 | 4 | 4 | 0 |" in summary.data
 
     # A second labelling run offers only what is left: the skipped pair and the one never offered.
-    thread, outcome = in_background(collect_human_labels, str(repo), batch_size=8, timeout_s=60, annotator="bob", poll_interval_s=0.5)
+    thread, outcome = in_background(
+        collect_human_labels, str(repo), batch_size=8, timeout_s=60, annotator="bob", poll_interval_s=0.5
+    )
     run_3, schema, description = wait_for_form("labels-batch-1")
     assert run_3.id != run.id
     remaining = pending_pairs(repo, 8)
@@ -203,12 +223,20 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     assert schema["properties"]["annotator"]["default"] == "bob"
     resume_flow_run(run_3.id, run_input={"pair_1": "B", "pair_2": "A"})  # the pre-filled annotator is kept
     thread.join(timeout=60)
-    assert outcome.get("value") == {"labelled": 2, "skipped": 0, "labels_file": str(repo / "data/human_labels/labels.jsonl")}, outcome
+    assert outcome.get("value") == {
+        "labelled": 2,
+        "skipped": 0,
+        "labels_file": str(repo / "data/human_labels/labels.jsonl"),
+    }, outcome
     rows = label_lines(repo)
     assert len(rows) == 9 and len({row["pair_id"] for row in rows}) == 9 and rows[-1]["annotator"] == "bob"
 
     # Nothing left: the flow returns at once instead of pausing.
-    assert collect_human_labels(str(repo), batch_size=8, timeout_s=5) == {"labelled": 0, "skipped": 0, "labels_file": str(repo / "data/human_labels/labels.jsonl")}
+    assert collect_human_labels(str(repo), batch_size=8, timeout_s=5) == {
+        "labelled": 0,
+        "skipped": 0,
+        "labels_file": str(repo / "data/human_labels/labels.jsonl"),
+    }
     assert len(label_lines(repo)) == 9
 
 
@@ -223,7 +251,11 @@ def test_an_answer_given_twice_is_appended_once(tmp_path: Path) -> None:
     assert append_labels(labels_file, first) == 2
     assert append_labels(labels_file, again) == 1  # only pair 3 is new
     rows = label_lines(repo)
-    assert [(row["pair_id"], row["annotator"]) for row in rows] == [(batch[0]["pair_id"], "alice"), (batch[1]["pair_id"], "alice"), (batch[2]["pair_id"], "bob")]
+    assert [(row["pair_id"], row["annotator"]) for row in rows] == [
+        (batch[0]["pair_id"], "alice"),
+        (batch[1]["pair_id"], "alice"),
+        (batch[2]["pair_id"], "bob"),
+    ]
     assert not {p["pair_id"] for p in pending_pairs(repo, 9)} & {row["pair_id"] for row in rows}
 
 

@@ -16,8 +16,8 @@ from prefect.artifacts import Artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
 from support import make_tiny_repo, write_params  # noqa: E402
+
 from flows.lifecycle import lifecycle  # noqa: E402
 from flows.retrain import gate, retrain  # noqa: E402
 from pipeline.workspace import stage_names  # noqa: E402
@@ -71,7 +71,9 @@ def test_lifecycle_publishes_progress_metrics_and_evaluation_artifacts(first_run
     by_name = {row["metric"]: row["value"] for row in rows}
     assert by_name["gold_win_rate"] == evaluation["gold_win_rate"]
     markdown = Artifact.get("evaluation")
-    assert markdown.type == "markdown" and "gold_win_rate" in markdown.data and "| prompt | SFT | PPO |" in markdown.data
+    assert (
+        markdown.type == "markdown" and "gold_win_rate" in markdown.data and "| prompt | SFT | PPO |" in markdown.data
+    )
 
 
 def test_unchanged_stages_show_as_cached(first_run, repo: Path) -> None:

@@ -12,16 +12,16 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from publish_support import files_containing, make_release_workspace, use_endpoint  # noqa: E402  (first: HF_HUB_* env)
+from hub_server import HubServer  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
 from prefect.blocks.system import Secret  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from publish_support import files_containing, make_release_workspace, use_endpoint  # noqa: E402  (first: HF_HUB_* env)
 
 from flows.publish import PUBLISH_ARTIFACT_KEY, publish_task  # noqa: E402
-from hub_server import HubServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_" + secrets.token_hex(16)

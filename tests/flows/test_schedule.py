@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -18,13 +17,17 @@ pytestmark = pytest.mark.slow
 
 def test_cron_deployment_gets_scheduled_runs(prefect_server: str, tmp_path) -> None:
     with temporary_settings({PREFECT_API_URL: prefect_server}):
-        deployment = retrain.to_deployment(name="rlhf-retrain", cron="*/5 * * * *", concurrency_limit=1, parameters={"repo_dir": str(tmp_path)})
+        deployment = retrain.to_deployment(
+            name="rlhf-retrain", cron="*/5 * * * *", concurrency_limit=1, parameters={"repo_dir": str(tmp_path)}
+        )
         deployment_id = deployment.apply()
 
         async def scheduled_runs():
             async with get_client() as client:
                 stored = await client.read_deployment(deployment_id)
-                runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+                runs = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+                )
                 return stored, runs
 
         deadline = time.monotonic() + 60

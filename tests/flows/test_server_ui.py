@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from browser import chromium_path, dump_dom, screenshot
 from server_support import prefect_client_env, ui_root
 from support import REPO, make_tiny_repo
+
 from pipeline.workspace import stage_names
 
 pytestmark = pytest.mark.slow
@@ -34,10 +34,14 @@ def api(api_url: str, path: str, body: dict | None = None):
 
 
 def flow_runs_since(api_url: str, since: datetime) -> list[dict]:
-    return api(api_url, "/flow_runs/filter", {
-        "flows": {"name": {"any_": [FLOW_NAME]}},
-        "flow_runs": {"start_time": {"after_": since.isoformat()}},
-    })
+    return api(
+        api_url,
+        "/flow_runs/filter",
+        {
+            "flows": {"name": {"any_": [FLOW_NAME]}},
+            "flow_runs": {"start_time": {"after_": since.isoformat()}},
+        },
+    )
 
 
 def task_runs_of(api_url: str, flow_run_id: str) -> list[dict]:
@@ -61,8 +65,14 @@ def lifecycle_run(prefect_server: str, tmp_path_factory: pytest.TempPathFactory)
     folder = tmp_path_factory.mktemp("server-ui")
     repo = make_tiny_repo(folder / "repo")
     started = datetime.now(timezone.utc) - timedelta(seconds=1)
-    result = subprocess.run([str(RLHF), "run"], cwd=repo, env=prefect_client_env(prefect_server, folder / "prefect-home"),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(RLHF), "run"],
+        cwd=repo,
+        env=prefect_client_env(prefect_server, folder / "prefect-home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, f"rlhf run failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     flow_runs = flow_runs_since(prefect_server, started)
     stages = stage_names(repo)
@@ -95,7 +105,9 @@ def test_the_ui_page_of_the_run_lists_its_stage_task_runs(prefect_server: str, l
     # The default (V2) UI's flow run page; the Task Runs tab lists them by name (the graph above is a canvas).
     url = f"{ui_root(prefect_server)}/v2/runs/flow-run/{flow_run['id']}?tab=TaskRuns"
     dom = dump_dom(url, wait_ms=15_000)
-    texts = {text.strip() for text in re.findall(r">([^<>]+)<", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S))}
+    texts = {
+        text.strip() for text in re.findall(r">([^<>]+)<", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S))
+    }
     assert flow_run["name"] in texts and "Completed" in texts, f"run page not rendered:\n{sorted(texts)[:80]}"
     missing = [stage for stage in lifecycle_run["stages"] if stage not in texts]
     assert not missing, f"task runs {missing} not shown at {url}"

@@ -17,14 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from publish_support import PASSING, RELEASE_MD5, files_containing, make_release_workspace, use_endpoint  # first: HF_HUB_* env
+from hub_server import HubServer
 from huggingface_hub import snapshot_download
+from publish_support import (
+    PASSING,
+    RELEASE_MD5,
+    files_containing,
+    make_release_workspace,
+    use_endpoint,
+)  # first: HF_HUB_* env
+from support import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hub_server import HubServer
 from pipeline.hub import GateFailed, publish_release, release_tag
-from support import REPO
 
 TOKEN = "hf_" + secrets.token_hex(16)  # a fresh secret per run: any occurrence of it is a leak
 
@@ -90,28 +95,59 @@ def test_client_skips_unchanged_files_without_the_tree_check(hub: HubServer, wor
 def test_failed_gate_publishes_nothing(hub: HubServer, workspace: Path):
     seen = len(hub.requests)
     with pytest.raises(GateFailed, match="gold_win_rate"):
-        publish_release(workspace / "models/release", "org/gated", token=TOKEN, gate_metrics={"gold_win_rate": 0.3},
-                        gate=("gold_win_rate", 0.5))
+        publish_release(
+            workspace / "models/release",
+            "org/gated",
+            token=TOKEN,
+            gate_metrics={"gold_win_rate": 0.3},
+            gate=("gold_win_rate", 0.5),
+        )
     with pytest.raises(GateFailed):
-        publish_release(workspace / "models/release", "org/gated", token=TOKEN, gate_metrics={}, gate=lambda m: m.get("ok", False))
+        publish_release(
+            workspace / "models/release", "org/gated", token=TOKEN, gate_metrics={}, gate=lambda m: m.get("ok", False)
+        )
     assert len(hub.requests) == seen and "org/gated" not in hub.repos
-    forced = publish_release(workspace / "models/release", "org/gated", token=TOKEN, gate_metrics={"gold_win_rate": 0.3},
-                             gate=("gold_win_rate", 0.5), force=True)
+    forced = publish_release(
+        workspace / "models/release",
+        "org/gated",
+        token=TOKEN,
+        gate_metrics={"gold_win_rate": 0.3},
+        gate=("gold_win_rate", 0.5),
+        force=True,
+    )
     assert forced.created_commit
 
 
 def test_transient_errors_are_retried_and_client_errors_are_not(hub: HubServer, workspace: Path):
     hub.fail_next["commit"] = [503]
-    result = publish_release(workspace / "models/release", "org/retry", token=TOKEN, gate_metrics=PASSING,
-                             gate=("gold_win_rate", 0.5), retry_delay_s=0.01)
+    result = publish_release(
+        workspace / "models/release",
+        "org/retry",
+        token=TOKEN,
+        gate_metrics=PASSING,
+        gate=("gold_win_rate", 0.5),
+        retry_delay_s=0.01,
+    )
     assert result.created_commit and hub.kinds_seen().count("commit") >= 2 and hub.commit_count
     hub.fail_next["create"], creates = [403], hub.kinds_seen().count("create")
     with pytest.raises(Exception, match="403"):
-        publish_release(workspace / "models/release", "org/forbidden", token=TOKEN, gate_metrics=PASSING,
-                        gate=("gold_win_rate", 0.5), retry_delay_s=0.01)
+        publish_release(
+            workspace / "models/release",
+            "org/forbidden",
+            token=TOKEN,
+            gate_metrics=PASSING,
+            gate=("gold_win_rate", 0.5),
+            retry_delay_s=0.01,
+        )
     assert hub.kinds_seen().count("create") == creates + 1 and "org/forbidden" not in hub.repos  # not retried
     with pytest.raises(Exception, match="401"):  # a wrong token is refused, not retried
-        publish_release(workspace / "models/release", "org/retry", token="hf_wrong", gate_metrics=PASSING, gate=("gold_win_rate", 0.5))
+        publish_release(
+            workspace / "models/release",
+            "org/retry",
+            token="hf_wrong",
+            gate_metrics=PASSING,
+            gate=("gold_win_rate", 0.5),
+        )
 
 
 def test_cli_publish(hub: HubServer, workspace: Path):
@@ -123,7 +159,14 @@ def test_cli_publish(hub: HubServer, workspace: Path):
     assert f"tag run-{RELEASE_MD5[:12]}" in first.stdout and "(new commit)" in first.stdout
     second = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 0 and "no new commit" in second.stdout
-    gated = subprocess.run(command[:-1] + ["org/cli-gated", "--min-value", "0.9"], cwd=workspace, env=env, capture_output=True, text=True, timeout=60)
+    gated = subprocess.run(
+        command[:-1] + ["org/cli-gated", "--min-value", "0.9"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert gated.returncode == 2 and "org/cli-gated" not in hub.repos
     for run in (first, second, gated):
         assert TOKEN not in run.stdout + run.stderr

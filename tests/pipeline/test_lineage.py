@@ -11,13 +11,24 @@ from support import git_env
 from pipeline.lineage import git_commit, read_lock, release_md5, stage_lineage
 from rlhf.files import path_digest
 
-LOCK = {"schema": "2.0", "stages": {
-    "ppo": {"cmd": "accelerate launch -m tasks.ppo",
-            "deps": [{"path": "models/sft", "md5": "aaa.dir", "size": 1, "nfiles": 3},
-                     {"path": "tasks/ppo.py", "md5": "bbb", "size": 2}],
-            "outs": [{"path": "models/policy", "md5": "ccc.dir", "size": 3, "nfiles": 3}]},
-    "release": {"cmd": "python -m tasks.release", "deps": [{"path": "models/policy", "md5": "ccc.dir"}],
-                "outs": [{"path": "models/release", "md5": "0123456789abcdef.dir"}]}}}
+LOCK = {
+    "schema": "2.0",
+    "stages": {
+        "ppo": {
+            "cmd": "accelerate launch -m tasks.ppo",
+            "deps": [
+                {"path": "models/sft", "md5": "aaa.dir", "size": 1, "nfiles": 3},
+                {"path": "tasks/ppo.py", "md5": "bbb", "size": 2},
+            ],
+            "outs": [{"path": "models/policy", "md5": "ccc.dir", "size": 3, "nfiles": 3}],
+        },
+        "release": {
+            "cmd": "python -m tasks.release",
+            "deps": [{"path": "models/policy", "md5": "ccc.dir"}],
+            "outs": [{"path": "models/release", "md5": "0123456789abcdef.dir"}],
+        },
+    },
+}
 
 
 def write_lock(folder: Path) -> Path:
@@ -29,8 +40,10 @@ def write_lock(folder: Path) -> Path:
 def test_lineage_records_the_hash_of_every_dep_and_out(tmp_path: Path) -> None:
     lineage = stage_lineage(write_lock(tmp_path), ["ppo", "missing"])
     assert list(lineage) == ["ppo", "missing"]  # in the order asked (dvc.yaml's)
-    assert lineage["ppo"] == {"deps": {"models/sft": "aaa.dir", "tasks/ppo.py": "bbb"},
-                              "outs": {"models/policy": "ccc.dir"}}
+    assert lineage["ppo"] == {
+        "deps": {"models/sft": "aaa.dir", "tasks/ppo.py": "bbb"},
+        "outs": {"models/policy": "ccc.dir"},
+    }
     assert lineage["missing"] == {"deps": {}, "outs": {}}
     assert stage_lineage(tmp_path / "absent.lock", ["ppo"]) == {}
     assert read_lock(tmp_path / "absent.lock") == {}

@@ -26,14 +26,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO, git_env, write_params
 
 from pipeline.workspace import stage_names
-from support import REPO, git_env, write_params
 from rlhf import data
 from rlhf.files import write_jsonl
 from tasks.stage_io import PROGRESS_PREFIX
 
-LAUNCHER_ERROR = "subprocess.CalledProcessError"  # `accelerate launch` (without --quiet) re-raises its child's exit code
+LAUNCHER_ERROR = (
+    "subprocess.CalledProcessError"  # `accelerate launch` (without --quiet) re-raises its child's exit code
+)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -64,12 +66,14 @@ def stage_command(stage: str, workspace: Path) -> list[str]:
 
 
 def run_stage_process(stage: str, workspace: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(stage_command(stage, workspace), cwd=workspace, env=git_env(), capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        stage_command(stage, workspace), cwd=workspace, env=git_env(), capture_output=True, text=True, timeout=180
+    )
 
 
 def stage_events(stdout: str) -> set[str]:
     """The events of the stage's ``@rlhf`` records (tasks/stage_io.py)."""
-    lines = [line[len(PROGRESS_PREFIX):] for line in stdout.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    lines = [line[len(PROGRESS_PREFIX) :] for line in stdout.splitlines() if line.startswith(PROGRESS_PREFIX)]
     return {json.loads(line).get("event") for line in lines}
 
 
@@ -121,7 +125,10 @@ def chosen_equals_rejected(workspace: Path) -> None:
 
 
 def overlong_prompt(workspace: Path) -> None:
-    edit_rows(workspace / "data/prompts/train.jsonl", lambda rows: rows + [{"prompt": "the plot was lovely and " * 12 + "the plot was"}])
+    edit_rows(
+        workspace / "data/prompts/train.jsonl",
+        lambda rows: rows + [{"prompt": "the plot was lovely and " * 12 + "the plot was"}],
+    )
 
 
 def resized_tokenizer(folder: str) -> Callable[[Path], None]:
@@ -185,46 +192,125 @@ class Case:
 
 
 CASES = [
-    Case("empty prompts file", "sample_pairs", empty_file("data/prompts/train.jsonl"),
-         ("data/prompts/train.jsonl: empty file", "dvc repro prepare")),
-    Case("empty preferences file", "label", empty_human_labels,
-         ("data/human_labels/labels.jsonl: empty file", "rlhf label")),
-    Case("malformed JSONL line", "sft", break_line("data/sft/train.jsonl", 3),
-         ("data/sft/train.jsonl: line 3: invalid JSON", "dvc repro prepare")),
-    Case("missing field", "label", drop_field("data/pairs/samples.jsonl", 2, "responses"),
-         ("data/pairs/samples.jsonl: row 2: missing field 'responses'", "dvc repro sample_pairs")),
-    Case("prompt is a number", "evaluate", lambda ws: edit_rows(ws / "data/prompts/eval.jsonl", set_field(1, prompt=42)),
-         ("data/prompts/eval.jsonl: row 1: field 'prompt' must be a string, got int", "dvc repro prepare")),
-    Case("param of the wrong type", "sft", params_change("sft", learning_rate="fast"),
-         ("params.yaml: sft.learning_rate: expected float, got 'fast'", "Fix: correct that value in params.yaml")),
-    Case("chosen identical to rejected", "reward", chosen_equals_rejected,
-         ("data/preferences/eval.jsonl: row 0: 'chosen' and 'rejected' are identical", "dvc repro label")),
-    Case("over-long prompt", "sample_pairs", overlong_prompt,
-         ("data/prompts/train.jsonl: row 64: prompt (+ 24 response tokens) is", "more than the 40 the model allows", "dvc repro prepare")),
-    Case("tokenizer larger than the model's embedding", "reward", resized_tokenizer("models/sft"),
-         ("models/sft: the tokenizer has", "embedding has only", "does not belong to this model", "dvc repro sft")),
-    Case("reward model with a foreign tokenizer", "evaluate", resized_tokenizer("models/reward"),
-         ("models/reward: its tokenizer differs from the one in models/policy", "tokens vs", "dvc repro reward")),
-    Case("missing model folder", "ppo", remove("models/reward"),
-         ("models/reward: model folder not found", "dvc repro reward")),
-    Case("missing policy weights", "release", remove("models/policy/model.safetensors"),
-         ("models/policy: incomplete model folder: missing model.safetensors", "dvc repro ppo")),
-    Case("batch not divisible by the minibatches", "ppo", params_change("ppo", rollout_batch_size=15),
-         ("params.yaml: ppo.rollout_batch_size (15) must be divisible by ppo.num_minibatches (2)", "e.g. ppo.rollout_batch_size = 14 or 16")),
-    Case("negative learning rate", "reward", params_change("reward", learning_rate=-0.001),
-         ("params.yaml: reward.learning_rate must be > 0, got -0.001", "Fix: correct that value in params.yaml")),
-    Case("infinite label noise", "label", params_change("label", temperature=math.inf),
-         ("params.yaml: label.temperature must be a finite number, got inf",)),
-    Case("misspelt key in the ppo section stops the first stage", "prepare", params_change("ppo", learnig_rate=0.001),
-         ("params.yaml: ppo: unknown key(s) ['learnig_rate']; did you mean 'learning_rate'?",)),
-    Case("non-finite score from a custom annotator", "label", nan_gold,
-         (f"data/pairs/samples.jsonl: row {NAN_ROW}: label.gold 'bad_gold:judge' returned nan for responses[{NAN_RESPONSE}]",
-          "Fix: make it return a finite number")),
+    Case(
+        "empty prompts file",
+        "sample_pairs",
+        empty_file("data/prompts/train.jsonl"),
+        ("data/prompts/train.jsonl: empty file", "dvc repro prepare"),
+    ),
+    Case(
+        "empty preferences file",
+        "label",
+        empty_human_labels,
+        ("data/human_labels/labels.jsonl: empty file", "rlhf label"),
+    ),
+    Case(
+        "malformed JSONL line",
+        "sft",
+        break_line("data/sft/train.jsonl", 3),
+        ("data/sft/train.jsonl: line 3: invalid JSON", "dvc repro prepare"),
+    ),
+    Case(
+        "missing field",
+        "label",
+        drop_field("data/pairs/samples.jsonl", 2, "responses"),
+        ("data/pairs/samples.jsonl: row 2: missing field 'responses'", "dvc repro sample_pairs"),
+    ),
+    Case(
+        "prompt is a number",
+        "evaluate",
+        lambda ws: edit_rows(ws / "data/prompts/eval.jsonl", set_field(1, prompt=42)),
+        ("data/prompts/eval.jsonl: row 1: field 'prompt' must be a string, got int", "dvc repro prepare"),
+    ),
+    Case(
+        "param of the wrong type",
+        "sft",
+        params_change("sft", learning_rate="fast"),
+        ("params.yaml: sft.learning_rate: expected float, got 'fast'", "Fix: correct that value in params.yaml"),
+    ),
+    Case(
+        "chosen identical to rejected",
+        "reward",
+        chosen_equals_rejected,
+        ("data/preferences/eval.jsonl: row 0: 'chosen' and 'rejected' are identical", "dvc repro label"),
+    ),
+    Case(
+        "over-long prompt",
+        "sample_pairs",
+        overlong_prompt,
+        (
+            "data/prompts/train.jsonl: row 64: prompt (+ 24 response tokens) is",
+            "more than the 40 the model allows",
+            "dvc repro prepare",
+        ),
+    ),
+    Case(
+        "tokenizer larger than the model's embedding",
+        "reward",
+        resized_tokenizer("models/sft"),
+        ("models/sft: the tokenizer has", "embedding has only", "does not belong to this model", "dvc repro sft"),
+    ),
+    Case(
+        "reward model with a foreign tokenizer",
+        "evaluate",
+        resized_tokenizer("models/reward"),
+        ("models/reward: its tokenizer differs from the one in models/policy", "tokens vs", "dvc repro reward"),
+    ),
+    Case(
+        "missing model folder",
+        "ppo",
+        remove("models/reward"),
+        ("models/reward: model folder not found", "dvc repro reward"),
+    ),
+    Case(
+        "missing policy weights",
+        "release",
+        remove("models/policy/model.safetensors"),
+        ("models/policy: incomplete model folder: missing model.safetensors", "dvc repro ppo"),
+    ),
+    Case(
+        "batch not divisible by the minibatches",
+        "ppo",
+        params_change("ppo", rollout_batch_size=15),
+        (
+            "params.yaml: ppo.rollout_batch_size (15) must be divisible by ppo.num_minibatches (2)",
+            "e.g. ppo.rollout_batch_size = 14 or 16",
+        ),
+    ),
+    Case(
+        "negative learning rate",
+        "reward",
+        params_change("reward", learning_rate=-0.001),
+        ("params.yaml: reward.learning_rate must be > 0, got -0.001", "Fix: correct that value in params.yaml"),
+    ),
+    Case(
+        "infinite label noise",
+        "label",
+        params_change("label", temperature=math.inf),
+        ("params.yaml: label.temperature must be a finite number, got inf",),
+    ),
+    Case(
+        "misspelt key in the ppo section stops the first stage",
+        "prepare",
+        params_change("ppo", learnig_rate=0.001),
+        ("params.yaml: ppo: unknown key(s) ['learnig_rate']; did you mean 'learning_rate'?",),
+    ),
+    Case(
+        "non-finite score from a custom annotator",
+        "label",
+        nan_gold,
+        (
+            f"data/pairs/samples.jsonl: row {NAN_ROW}: label.gold 'bad_gold:judge' returned nan for responses[{NAN_RESPONSE}]",
+            "Fix: make it return a finite number",
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name.replace(" ", "-") for case in CASES])
-def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(case: Case, in_copy_of_workspace: Path) -> None:
+def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(
+    case: Case, in_copy_of_workspace: Path
+) -> None:
     workspace = in_copy_of_workspace
     case.damage(workspace)
     before = workspace_inventory(workspace)
@@ -263,14 +349,25 @@ def test_the_corpus_covers_every_kind_of_damage_the_issue_names() -> None:
         ("label", {"flip_prob": 1.5}, "label.flip_prob must be between 0 and 1, got 1.5"),
         ("ppo", {"gamma": 1.5}, "ppo.gamma must be ≤ 1, got 1.5"),
         ("reward", {"batch_size": 0}, "reward.batch_size must be > 0, got 0"),
-        ("ppo", {"num_processes": 2, "rollout_batch_size": 6}, "ppo.rollout_batch_size / 2 processes (3) must be divisible by ppo.num_minibatches (2)"),
+        (
+            "ppo",
+            {"num_processes": 2, "rollout_batch_size": 6},
+            "ppo.rollout_batch_size / 2 processes (3) must be divisible by ppo.num_minibatches (2)",
+        ),
         ("ppo", {"gradient_accumulation_steps": 3}, "must be divisible by ppo.gradient_accumulation_steps (3)"),
-        ("prepare", {"model": {"n_layer": 2, "n_head": 3, "n_embd": 32, "n_positions": 64}}, "prepare.model.n_embd (32) must be divisible by prepare.model.n_head (3)"),
+        (
+            "prepare",
+            {"model": {"n_layer": 2, "n_head": 3, "n_embd": 32, "n_positions": 64}},
+            "prepare.model.n_embd (32) must be divisible by prepare.model.n_head (3)",
+        ),
         ("label", {"annotator": "oracle"}, "label.annotator must be simulated, dataset or human, got 'oracle'"),
     ],
 )
-def test_invalid_params_are_refused_naming_the_key_and_the_fix(tmp_path: Path, section: str, values: dict, problem: str) -> None:
+def test_invalid_params_are_refused_naming_the_key_and_the_fix(
+    tmp_path: Path, section: str, values: dict, problem: str
+) -> None:
     from support import tiny_params
+
     from rlhf.config import ConfigError, load_params
     from rlhf.validation import with_fix
 
@@ -298,6 +395,19 @@ def test_a_custom_score_must_be_a_finite_number() -> None:
     lookup = finite_scores(judge, samples, "samples.jsonl", "label.gold 'm:judge'")
     assert [lookup("p", "a"), lookup("p", "b"), lookup("q", "c"), lookup("q", "d")] == [1.0, 2.5, -1.0, 0.0]
     assert calls == [("p", "a"), ("p", "b"), ("q", "c"), ("q", "d")]  # each distinct pair scored once, in order
-    for bad, shown in ((math.inf, "inf"), (-math.inf, "-inf"), ("high", "a str ('high'), not a number"), (None, "a NoneType")):
-        with pytest.raises(DataError, match=rf"^samples\.jsonl: row 1: label\.gold 'm:judge' returned {re.escape(shown)}.* for responses\[1\] 'd'"):
-            finite_scores(lambda prompt, response, bad=bad: bad if response == "d" else 0.0, samples, "samples.jsonl", "label.gold 'm:judge'")
+    for bad, shown in (
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        ("high", "a str ('high'), not a number"),
+        (None, "a NoneType"),
+    ):
+        with pytest.raises(
+            DataError,
+            match=rf"^samples\.jsonl: row 1: label\.gold 'm:judge' returned {re.escape(shown)}.* for responses\[1\] 'd'",
+        ):
+            finite_scores(
+                lambda prompt, response, bad=bad: bad if response == "d" else 0.0,
+                samples,
+                "samples.jsonl",
+                "label.gold 'm:judge'",
+            )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from support import git_env, make_tiny_repo, tiny_params, write_params
+
 from pipeline.lock import LOCK_FILE, WorkspaceBusy, holder_of, lock_path, workspace_lock
 
 HOLDER_SCRIPT = """
@@ -43,7 +43,9 @@ except WorkspaceBusy:
 
 def start_holder(repo: Path, seconds: float = 120.0) -> subprocess.Popen:
     """Another process holding ``repo``'s lock for ``seconds``; returns once it holds it."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(repo), str(seconds)], stdout=subprocess.PIPE, text=True, env=git_env())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_SCRIPT, str(repo), str(seconds)], stdout=subprocess.PIPE, text=True, env=git_env()
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -56,14 +58,19 @@ def stop(process: subprocess.Popen) -> None:
 
 def lock_is_free_for_another_process(repo: Path) -> bool:
     """Asked from a fresh process: this process's own (re-entrant) hold would answer "free" here."""
-    result = subprocess.run([sys.executable, "-c", TRY_SCRIPT, str(repo)], capture_output=True, text=True, env=git_env(), timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", TRY_SCRIPT, str(repo)], capture_output=True, text=True, env=git_env(), timeout=60
+    )
     return result.stdout.strip() == "free"
 
 
 def inventory(root: Path) -> dict[str, str]:
     """sha256 of every file (and a marker for every folder) under ``root``, .git and .dvc included."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if "__pycache__" not in p.parts
+    }
 
 
 def rlhf_cli(*args: str) -> list[str]:
@@ -80,7 +87,9 @@ def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
 # ------------------------------------------------------------------------------------------------------ the lock
 
 
-def test_a_second_run_is_refused_at_once_naming_the_lock_file_and_the_holder(tmp_path: Path, holder: subprocess.Popen) -> None:
+def test_a_second_run_is_refused_at_once_naming_the_lock_file_and_the_holder(
+    tmp_path: Path, holder: subprocess.Popen
+) -> None:
     started = time.monotonic()
     with pytest.raises(WorkspaceBusy) as refusal:
         with workspace_lock(tmp_path, 0.0, "second run"):
@@ -139,35 +148,55 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("command", [["repro"], ["stage", "sft"], ["run"]], ids=lambda c: "rlhf " + " ".join(c))
-def test_the_cli_refuses_quickly_and_touches_nothing_while_the_workspace_is_locked(tiny_repo: Path, command: list[str]) -> None:
+def test_the_cli_refuses_quickly_and_touches_nothing_while_the_workspace_is_locked(
+    tiny_repo: Path, command: list[str]
+) -> None:
     holder = start_holder(tiny_repo)
     try:
         before = inventory(tiny_repo)
         started = time.monotonic()
-        result = subprocess.run(rlhf_cli(*command), cwd=tiny_repo, env=git_env(), capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            rlhf_cli(*command), cwd=tiny_repo, env=git_env(), capture_output=True, text=True, timeout=120
+        )
         elapsed = time.monotonic() - started
         assert result.returncode == 2, result.stdout + result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and str(tiny_repo / LOCK_FILE) in errors[0] and f"pid {holder.pid}" in errors[0], result.stderr
+        assert len(errors) == 1 and str(tiny_repo / LOCK_FILE) in errors[0] and f"pid {holder.pid}" in errors[0], (
+            result.stderr
+        )
         assert elapsed < 20  # refused before DVC (or a Prefect server) started: no stage ran
         assert inventory(tiny_repo) == before
     finally:
         stop(holder)
 
 
-def test_two_real_runs_at_once_the_second_refuses_or_waits_and_the_first_completes(tiny_repo: Path, tmp_path: Path) -> None:
+def test_two_real_runs_at_once_the_second_refuses_or_waits_and_the_first_completes(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(rlhf_cli("stage", "prepare"), cwd=tiny_repo, env=git_env(), stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        rlhf_cli("stage", "prepare"), cwd=tiny_repo, env=git_env(), stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while holder_of(lock_path(tiny_repo)).get("pid") != first.pid or lock_is_free_for_another_process(tiny_repo):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.1)
-        refused = subprocess.run(rlhf_cli("repro"), cwd=tiny_repo, env=git_env(), capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and f"pid {first.pid}" in refused.stderr and "rlhf stage prepare" in refused.stderr
+        refused = subprocess.run(
+            rlhf_cli("repro"), cwd=tiny_repo, env=git_env(), capture_output=True, text=True, timeout=120
+        )
+        assert (
+            refused.returncode == 2 and f"pid {first.pid}" in refused.stderr and "rlhf stage prepare" in refused.stderr
+        )
         assert first.poll() is None, "the refusal must come while the first run is still going"
-        waiting = subprocess.run(rlhf_cli("stage", "prepare", "--wait-for-lock", "300"), cwd=tiny_repo, env=git_env(),
-                                 capture_output=True, text=True, timeout=400)
+        waiting = subprocess.run(
+            rlhf_cli("stage", "prepare", "--wait-for-lock", "300"),
+            cwd=tiny_repo,
+            env=git_env(),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         first.wait(timeout=300)
     finally:
         stop(first)
@@ -175,7 +204,14 @@ def test_two_real_runs_at_once_the_second_refuses_or_waits_and_the_first_complet
     assert first.returncode == 0, (tmp_path / "first.log").read_text()
     assert waiting.returncode == 0, waiting.stdout + waiting.stderr
     assert "didn't change" in waiting.stdout + waiting.stderr  # it ran after the first: prepare was already up to date
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "prepare", "--json"], cwd=tiny_repo, env=git_env(), capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "prepare", "--json"],
+        cwd=tiny_repo,
+        env=git_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(status.stdout) == {}  # dvc.lock and the outputs agree: nothing half-written
     assert lock_is_free_for_another_process(tiny_repo)
 
@@ -206,7 +242,9 @@ def task_run_count(flow_run_id) -> int:
 
 
 @pytest.mark.slow
-def test_the_flows_refuse_while_the_workspace_is_locked_and_release_the_lock_after_a_run(harness, tiny_repo: Path) -> None:
+def test_the_flows_refuse_while_the_workspace_is_locked_and_release_the_lock_after_a_run(
+    harness, tiny_repo: Path
+) -> None:
     from flows.lifecycle import lifecycle
     from flows.retrain import retrain
 

@@ -27,10 +27,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import REPO, git_env, make_tiny_repo, run_stage, write_params
 
 import rlhf.ppo_trainer.experience
 from rlhf.files import path_digest
-from support import REPO, git_env, make_tiny_repo, run_stage, write_params
 
 ITERATIONS, RESUME_EVERY, SNAPSHOT_EVERY = 8, 2, 3  # resume checkpoints after 2, 4, 6; policy snapshots 3, 6, 8
 TIMING = {"timing/rollout", "timing/optimise", "timing/iteration", "eps"}  # wall-clock columns of plots/ppo.csv
@@ -39,7 +39,7 @@ NOT_RESULTS = {"seconds", "episodes_per_second", "peak_rss_mib", "resumed_from_i
 
 def events(output: str, event: str | None = None) -> list[dict]:
     """The ppo stage's ``@rlhf`` records in ``output`` (of one event, if given)."""
-    records = [json.loads(line[len("@rlhf "):]) for line in output.splitlines() if line.startswith("@rlhf ")]
+    records = [json.loads(line[len("@rlhf ") :]) for line in output.splitlines() if line.startswith("@rlhf ")]
     return [r for r in records if r["stage"] == "ppo" and (event is None or r["event"] == event)]
 
 
@@ -51,8 +51,10 @@ def set_ppo(workspace: Path, **values) -> None:
 
 def output_digests(workspace: Path) -> dict[str, str]:
     """Hashes of everything the ppo stage writes."""
-    return {name: path_digest(workspace / name)
-            for name in ("models/policy", "models/policy_checkpoints", "metrics/ppo.json", "plots/ppo.csv")}
+    return {
+        name: path_digest(workspace / name)
+        for name in ("models/policy", "models/policy_checkpoints", "metrics/ppo.json", "plots/ppo.csv")
+    }
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -86,19 +88,38 @@ def accelerate() -> str:
 
 def launch(processes: int = 1) -> list[str]:
     """`accelerate launch` of the stage with the shipped CPU profile for 1 or 2 processes, as dvc.yaml runs it."""
-    return [accelerate(), "launch", "--config_file", f"configs/cpu-{processes}proc.yaml", "--num_processes", str(processes),
-            "--mixed_precision", "no", "-m", "tasks.ppo"]
+    return [
+        accelerate(),
+        "launch",
+        "--config_file",
+        f"configs/cpu-{processes}proc.yaml",
+        "--num_processes",
+        str(processes),
+        "--mixed_precision",
+        "no",
+        "-m",
+        "tasks.ppo",
+    ]
 
 
 def run_ppo(workspace: Path, processes: int = 1) -> str:
     """The stage as dvc.yaml runs it; returns its stdout. A run past the timeout fails with the last stage events
     it printed (which step and event it reached) and its stderr, so a hang says where it stopped."""
     try:
-        done = subprocess.run(launch(processes), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            launch(processes), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired as hung:
-        stdout, stderr = ((stream or b"").decode(errors="replace") for stream in (hung.stdout, hung.stderr))  # bytes even with text=True
+        stdout, stderr = (
+            (stream or b"").decode(errors="replace") for stream in (hung.stdout, hung.stderr)
+        )  # bytes even with text=True
         events = [line[:300] for line in stdout.splitlines() if line.startswith("@rlhf")]
-        pytest.fail(f"{processes}-process ppo stage still running after 300 s; last events:\n" + "\n".join(events[-6:]) + "\nstderr:\n" + stderr[-3000:])
+        pytest.fail(
+            f"{processes}-process ppo stage still running after 300 s; last events:\n"
+            + "\n".join(events[-6:])
+            + "\nstderr:\n"
+            + stderr[-3000:]
+        )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -120,8 +141,15 @@ def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, proces
     """Start the stage, SIGKILL all its processes ``delay`` s after the progress line of ``after_iteration``; returns
     (launcher's exit status, stdout so far). The workers are found by their working folder: torchrun (2 processes)
     starts them in sessions of their own, where a kill of the launcher's process group does not reach them."""
-    process = subprocess.Popen(launch(processes), cwd=workspace, env=stage_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        launch(processes),
+        cwd=workspace,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         for line in process.stdout:
@@ -138,7 +166,9 @@ def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, proces
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(in_copy_of_workspace: Path) -> None:
+def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(
+    in_copy_of_workspace: Path,
+) -> None:
     crashed = in_copy_of_workspace
     set_ppo(crashed, iterations=ITERATIONS, resume_every=RESUME_EVERY, snapshot_every=SNAPSHOT_EVERY)
     reference = crashed.parent / "reference"
@@ -163,13 +193,17 @@ def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_u
 
     rerun = run_ppo(crashed)
     assert [e["step"] for e in events(rerun, "resumed")] == [saved]
-    assert [e["step"] for e in events(rerun, "progress")] == list(range(saved + 1, ITERATIONS + 1)), "only the remaining iterations ran"
+    assert [e["step"] for e in events(rerun, "progress")] == list(range(saved + 1, ITERATIONS + 1)), (
+        "only the remaining iterations ran"
+    )
     print(f"killed {delay:.3f} s after iteration {after_iteration}; resumed from iteration {saved}")
 
     assert_same_weights(reference / "models/policy", crashed / "models/policy")
     assert sorted(p.name for p in (crashed / "models/policy_checkpoints").iterdir()) == ["step-3", "step-6", "step-8"]
     for snapshot in ("step-3", "step-6", "step-8"):
-        assert_same_weights(reference / "models/policy_checkpoints" / snapshot, crashed / "models/policy_checkpoints" / snapshot)
+        assert_same_weights(
+            reference / "models/policy_checkpoints" / snapshot, crashed / "models/policy_checkpoints" / snapshot
+        )
     assert [row["step"] for row in history(crashed)] == [str(i) for i in range(1, ITERATIONS + 1)]
     assert history(crashed) == history(reference)  # every iteration's KL, scores, β, losses …: equal as written
     assert results(crashed) == results(reference)
@@ -180,15 +214,29 @@ def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_u
 def test_two_process_ppo_killed_mid_save_resumes_every_rank_and_ends_bitwise_equal(in_copy_of_workspace: Path) -> None:
     """configs/cpu-2proc.yaml: each rank restores its own RNG file; the main process the weights and optimiser."""
     crashed = in_copy_of_workspace
-    set_ppo(crashed, iterations=6, resume_every=RESUME_EVERY, snapshot_every=SNAPSHOT_EVERY, config_file="configs/cpu-2proc.yaml", num_processes=2)
+    set_ppo(
+        crashed,
+        iterations=6,
+        resume_every=RESUME_EVERY,
+        snapshot_every=SNAPSHOT_EVERY,
+        config_file="configs/cpu-2proc.yaml",
+        num_processes=2,
+    )
     reference = crashed.parent / "reference"
     shutil.copytree(crashed, reference)
     run_ppo(reference, processes=2)
-    status, _ = run_ppo_and_kill(crashed, after_iteration=4, delay=0.0, processes=2)  # during (or just after) the save of iteration 4
+    status, _ = run_ppo_and_kill(
+        crashed, after_iteration=4, delay=0.0, processes=2
+    )  # during (or just after) the save of iteration 4
     assert status != 0
     folder = crashed / ".rlhf/checkpoints/ppo"
     saved = json.loads((folder / "latest.json").read_text())["step"]
-    assert saved in (2, 4) and {p.name for p in (folder / f"step-{saved}").iterdir()} == {"state.pt", "meta.json", "rng-rank0.pt", "rng-rank1.pt"}
+    assert saved in (2, 4) and {p.name for p in (folder / f"step-{saved}").iterdir()} == {
+        "state.pt",
+        "meta.json",
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+    }
     rerun = run_ppo(crashed, processes=2)
     assert [e["step"] for e in events(rerun, "resumed")] == [saved]
     assert [e["step"] for e in events(rerun, "progress")] == list(range(saved + 1, 7))
@@ -214,11 +262,15 @@ def nan_score_in_iteration(iteration: int):
 
 
 def test_a_nan_reward_stops_ppo_keeps_the_checkpoint_and_the_previous_outputs_then_a_rerun_resumes(
-        in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     workspace = in_copy_of_workspace
     set_ppo(workspace, iterations=4, resume_every=2)
     before = output_digests(workspace)
-    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:  # not monkeypatch.undo(): that undoes the chdir
+    with (
+        monkeypatch.context() as patch,
+        pytest.raises(SystemExit) as stopped,
+    ):  # not monkeypatch.undo(): that undoes the chdir
         patch.setattr(rlhf.ppo_trainer.experience, "collect_experience", nan_score_in_iteration(3))
         run_stage("ppo")
     assert stopped.value.code == 3  # rlhf.guards.EXIT_DIVERGED
@@ -234,7 +286,9 @@ def test_a_nan_reward_stops_ppo_keeps_the_checkpoint_and_the_previous_outputs_th
     assert json.loads((workspace / "metrics/ppo.json").read_text())["resumed_from_iteration"] == 2
 
 
-def test_an_absurd_learning_rate_stops_ppo_after_the_update_and_writes_nothing(in_copy_of_workspace: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_absurd_learning_rate_stops_ppo_after_the_update_and_writes_nothing(
+    in_copy_of_workspace: Path, capsys: pytest.CaptureFixture
+) -> None:
     workspace = in_copy_of_workspace
     set_ppo(workspace, learning_rate=1e38)
     before = output_digests(workspace)
@@ -287,17 +341,33 @@ def flow_repo(pipeline_workspace: Path, folder: Path) -> Path:
     params = yaml.safe_load((pipeline_workspace / "params.yaml").read_text())
     params["ppo"].update(iterations=ITERATIONS, resume_every=RESUME_EVERY)
     repo = make_tiny_repo(folder, params)
-    for out in ("data/sft", "data/prompts", "models/base", "models/sft", "data/pairs", "data/preferences", "models/reward", "metrics"):
+    for out in (
+        "data/sft",
+        "data/prompts",
+        "models/base",
+        "models/sft",
+        "data/pairs",
+        "data/preferences",
+        "models/reward",
+        "metrics",
+    ):
         shutil.copytree(pipeline_workspace / out, repo / out, dirs_exist_ok=True)
     for name in ("ppo.json", "evaluate.json", "samples.md", "release.json"):
         (repo / "metrics" / name).unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "prepare", "sft", "sample_pairs", "label", "reward"],
-                   cwd=repo, env=git_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "-f", "prepare", "sft", "sample_pairs", "label", "reward"],
+        cwd=repo,
+        env=git_env(),
+        check=True,
+        capture_output=True,
+    )
     return repo
 
 
 @pytest.mark.slow
-def test_a_prefect_retry_of_a_killed_ppo_task_resumes_from_the_checkpoint(pipeline_workspace: Path, tmp_path: Path) -> None:
+def test_a_prefect_retry_of_a_killed_ppo_task_resumes_from_the_checkpoint(
+    pipeline_workspace: Path, tmp_path: Path
+) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
@@ -317,7 +387,9 @@ def test_a_prefect_retry_of_a_killed_ppo_task_resumes_from_the_checkpoint(pipeli
 
         async def ppo_run_and_logs():
             async with get_client() as client:
-                runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
                 ppo_run = next(r for r in runs if r.name == "ppo")
                 logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[ppo_run.id])))
                 return ppo_run, [log.message for log in logs]
@@ -341,7 +413,9 @@ class Crash(BaseException):
     """Stands in for the process dying (nothing in the loop may catch it)."""
 
 
-@pytest.mark.parametrize("options", [{"lora_rank": 4, "lora_alpha": 8}, {"value_model": "head"}], ids=["lora", "value-head"])
+@pytest.mark.parametrize(
+    "options", [{"lora_rank": 4, "lora_alpha": 8}, {"value_model": "head"}], ids=["lora", "value-head"]
+)
 def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path, tmp_path: Path, options: dict) -> None:
     """The trained tensors saved are the LoRA adapters (+ critic) or the policy + value head; a resume continues exactly."""
     from accelerate import Accelerator
@@ -352,10 +426,23 @@ def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path,
     from rlhf.ppo_trainer.models import load_ppo_models
     from rlhf.ppo_trainer.optimise import prepare_training
 
-    config = PPOConfig(iterations=4, rollout_batch_size=8, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2, **options)
-    prompts = [json.loads(line)["prompt"] for line in (pipeline_workspace / "data/prompts/train.jsonl").read_text().splitlines()]
+    config = PPOConfig(
+        iterations=4,
+        rollout_batch_size=8,
+        num_minibatches=2,
+        ppo_epochs=1,
+        response_length=6,
+        learning_rate=1e-2,
+        **options,
+    )
+    prompts = [
+        json.loads(line)["prompt"]
+        for line in (pipeline_workspace / "data/prompts/train.jsonl").read_text().splitlines()
+    ]
 
-    def train(folder: Path, crash_after: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict], ResumeCheckpoints]:
+    def train(
+        folder: Path, crash_after: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[dict], ResumeCheckpoints]:
         accelerator = Accelerator(cpu=True)
         torch.manual_seed(0)  # as the stage's set_seed: LoRA's initial adapters are random
         models = load_ppo_models(config, pipeline_workspace / "models/sft", pipeline_workspace / "models/reward")
@@ -366,8 +453,14 @@ def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path,
             if step == crash_after:
                 raise Crash()
 
-        trained = train_ppo(models, prompts, config, 5, accelerator, prepared=prepared, on_iteration=crash, resume=resume)
-        parameters = {n: p.detach().clone() for n, p in accelerator.unwrap_model(prepared.module).named_parameters() if p.requires_grad}
+        trained = train_ppo(
+            models, prompts, config, 5, accelerator, prepared=prepared, on_iteration=crash, resume=resume
+        )
+        parameters = {
+            n: p.detach().clone()
+            for n, p in accelerator.unwrap_model(prepared.module).named_parameters()
+            if p.requires_grad
+        }
         return parameters, trained, resume
 
     expected, expected_history, _ = train(tmp_path / "uninterrupted")
@@ -375,7 +468,9 @@ def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path,
         train(tmp_path / "crashed", crash_after=3)
     saved = torch.load(tmp_path / "crashed/step-2/state.pt", weights_only=True)
     if "lora_rank" in options:
-        assert saved["policy"] and all("lora_" in name for name in saved["policy"])  # adapters only: the base is the SFT input
+        assert saved["policy"] and all(
+            "lora_" in name for name in saved["policy"]
+        )  # adapters only: the base is the SFT input
     else:
         assert list(saved["value"]) == ["value_head.weight"] and len(saved["policy"]) > 1
     parameters, history, resume = train(tmp_path / "crashed")

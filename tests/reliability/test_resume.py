@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import REPO, run_stage, tiny_params, write_params
 
 import rlhf.checkpoint
 import rlhf.training
 from rlhf.files import path_digest
-from support import REPO, run_stage, tiny_params, write_params
 
 SFT_STEPS, SFT_EVERY = 200, 20  # ≈ 12 ms a step with the tiny model: the kill lands well before the end
 RESULT_KEYS_IGNORED = {"seconds", "resumed_from_step"}
@@ -30,8 +30,12 @@ RESULT_KEYS_IGNORED = {"seconds", "resumed_from_step"}
 
 def events(output: str, stage: str) -> list[dict]:
     """The stage's ``@rlhf`` JSON lines, in order."""
-    return [record for line in output.splitlines() if line.startswith("@rlhf ")
-            if (record := json.loads(line[len("@rlhf "):]))["stage"] == stage]
+    return [
+        record
+        for line in output.splitlines()
+        if line.startswith("@rlhf ")
+        if (record := json.loads(line[len("@rlhf ") :]))["stage"] == stage
+    ]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -71,15 +75,23 @@ def stage_env() -> dict[str, str]:
 
 
 def run_sft(workspace: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "tasks.sft"], cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.sft"], cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tuple[int, str]:
     """Start the stage, SIGKILL it ``delay`` s after its first checkpoint line; returns (exit status, stdout)."""
-    process = subprocess.Popen([sys.executable, "-m", "tasks.sft"], cwd=workspace, env=stage_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.sft"],
+        cwd=workspace,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     lines = []
     try:
         for line in process.stdout:
@@ -95,10 +107,14 @@ def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tu
             process.kill()
 
 
-def test_sft_killed_after_a_checkpoint_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(pipeline_workspace: Path, tmp_path: Path) -> None:
+def test_sft_killed_after_a_checkpoint_resumes_and_ends_bitwise_equal_to_an_uninterrupted_run(
+    pipeline_workspace: Path, tmp_path: Path
+) -> None:
     reference = sft_workspace(pipeline_workspace, tmp_path / "reference")
     uninterrupted = run_sft(reference)
-    assert [e["step"] for e in events(uninterrupted.stdout, "sft") if e["event"] == "checkpoint"] == list(range(SFT_EVERY, SFT_STEPS, SFT_EVERY))
+    assert [e["step"] for e in events(uninterrupted.stdout, "sft") if e["event"] == "checkpoint"] == list(
+        range(SFT_EVERY, SFT_STEPS, SFT_EVERY)
+    )
     assert not (reference / ".rlhf/checkpoints/sft").exists(), "checkpoints are cleared once the final model is written"
 
     crashed = sft_workspace(pipeline_workspace, tmp_path / "crashed")
@@ -127,8 +143,9 @@ class Crash(BaseException):
     """Stands in for the process dying (nothing in the stage may catch it)."""
 
 
-def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                        capsys: pytest.CaptureFixture) -> None:
+def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(
+    in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     workspace = in_copy_of_workspace
     set_params(workspace, reward={"epochs": 3, "resume_every": 5})
     run_stage("reward")
@@ -159,14 +176,17 @@ def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(in_copy_o
     assert [e["step"] for e in rerun_events if e["event"] == "resumed"] == [10]
     assert all(e["step"] > 10 for e in rerun_events if e["event"] == "progress")
     assert_same_weights(reference, workspace / "models/reward")
-    assert (reference / "reward_normalization.json").read_text() == (workspace / "models/reward/reward_normalization.json").read_text()
+    assert (reference / "reward_normalization.json").read_text() == (
+        workspace / "models/reward/reward_normalization.json"
+    ).read_text()
     metrics = json.loads((workspace / "metrics/reward.json").read_text())
     assert metrics["resumed_from_step"] == 10 and results(metrics) == results(expected)
     assert not (workspace / ".rlhf/checkpoints/reward").exists()
 
 
-def test_a_checkpoint_made_with_other_params_is_discarded(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_a_checkpoint_made_with_other_params_is_discarded(
+    in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     set_params(in_copy_of_workspace, reward={"resume_every": 3})
     real_save = rlhf.checkpoint.save_checkpoint
 
@@ -217,8 +237,9 @@ def diverged_stage_stderr(workspace: Path, stage: str, capsys: pytest.CaptureFix
     return capsys.readouterr().err
 
 
-def test_a_nan_sft_loss_stops_the_stage_keeps_the_checkpoint_and_the_previous_model(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_a_nan_sft_loss_stops_the_stage_keeps_the_checkpoint_and_the_previous_model(
+    in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     workspace = in_copy_of_workspace
     set_params(workspace, sft={"resume_every": 5})
     monkeypatch.setattr(rlhf.training, "sft_loss", nan_on_training_call(rlhf.training.sft_loss, call=8))
@@ -228,8 +249,9 @@ def test_a_nan_sft_loss_stops_the_stage_keeps_the_checkpoint_and_the_previous_mo
     assert json.loads((workspace / ".rlhf/checkpoints/sft/latest.json").read_text())["step"] == 5
 
 
-def test_non_finite_reward_scores_stop_the_stage_and_leave_the_previous_reward_model(in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                                     capsys: pytest.CaptureFixture) -> None:
+def test_non_finite_reward_scores_stop_the_stage_and_leave_the_previous_reward_model(
+    in_copy_of_workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setattr(rlhf.training, "pair_scores", nan_on_training_call(rlhf.training.pair_scores, call=2))
     error = diverged_stage_stderr(in_copy_of_workspace, "reward", capsys)
     assert "reward: non-finite chosen_scores (inf) at step 2" in error and "reward.learning_rate" in error

@@ -24,14 +24,14 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from publish_support import use_endpoint  # noqa: E402  (first: HF_HUB_* env)
+from hub_server import HubServer  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from publish_support import use_endpoint  # noqa: E402  (first: HF_HUB_* env)
+from support import REPO, git_env, make_tiny_repo  # noqa: E402
 
 from flows.retrain import retrain  # noqa: E402
-from hub_server import HubServer  # noqa: E402
-from support import REPO, git_env, make_tiny_repo  # noqa: E402
 
 PLANTED = "hf_PLANTEDsecret" + secrets.token_hex(8)  # fresh per run: any occurrence anywhere is a leak
 
@@ -67,9 +67,15 @@ def prefect_records() -> dict[str, str]:
 
     async def read() -> dict[str, str]:
         async with get_client() as client:
-            kinds = {"logs": client.read_logs, "artifacts": client.read_artifacts, "flow_runs": client.read_flow_runs,
-                     "task_runs": client.read_task_runs}
-            return {name: "\n".join(r.model_dump_json() for r in await read_all(reader)) for name, reader in kinds.items()}
+            kinds = {
+                "logs": client.read_logs,
+                "artifacts": client.read_artifacts,
+                "flow_runs": client.read_flow_runs,
+                "task_runs": client.read_task_runs,
+            }
+            return {
+                name: "\n".join(r.model_dump_json() for r in await read_all(reader)) for name, reader in kinds.items()
+            }
 
     return asyncio.run(read())
 
@@ -93,7 +99,9 @@ def test_the_scan_finds_the_token_raw_and_inside_base64_at_any_offset() -> None:
 
 
 @pytest.mark.slow
-def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
     repo = make_tiny_repo(tmp_path / "repo")
     monkeypatch.setenv("HF_TOKEN", PLANTED)
     with HubServer(token=PLANTED) as hub:
@@ -106,8 +114,14 @@ def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(tmp_path: Path
         env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}
         env.update(git_env(), HF_TOKEN=PLANTED, HF_ENDPOINT=hub.endpoint, PYTHONPATH=str(REPO))
         env.pop("HF_HUB_OFFLINE", None)
-        cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", "--repo-id", "org/secret-scan-cli", "--min-value", "0"],
-                             cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "publish", "--repo-id", "org/secret-scan-cli", "--min-value", "0"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert decision["ran"] and decision["promoted"] and decision["published"]["created_commit"], decision
     assert cli.returncode == 0, cli.stderr
     forms = needles(PLANTED)
@@ -124,12 +138,19 @@ def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(tmp_path: Path
     for name, text in records.items():
         leaks += [f"prefect {name}: {form!r}" for form in hits(text.encode(), forms)]
     # 3. the Hub: the files it stored, the URLs and bodies it received
-    stored = {f"hub {repo_id}@{sha[:8]}/{path}": stored.data for repo_id, hub_repo in hub.repos.items()
-              for sha, tree in hub_repo.commits.items() for path, stored in tree.items()}
+    stored = {
+        f"hub {repo_id}@{sha[:8]}/{path}": stored.data
+        for repo_id, hub_repo in hub.repos.items()
+        for sha, tree in hub_repo.commits.items()
+        for path, stored in tree.items()
+    }
     for name, blob in stored.items():
         leaks += [f"{name}: {form!r}" for form in hits(blob, forms)]
     for request in hub.requests:
-        leaks += [f"hub request {request.method} {request.url}: {form!r}" for form in hits(request.url.encode() + request.body, forms)]
+        leaks += [
+            f"hub request {request.method} {request.url}: {form!r}"
+            for form in hits(request.url.encode() + request.body, forms)
+        ]
     # 4. everything printed: this process (Prefect's console logs) and the CLI publish
     captured = capfd.readouterr()
     printed = captured.out + captured.err + cli.stdout + cli.stderr
@@ -138,10 +159,24 @@ def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(tmp_path: Path
     assert leaks == []
     # the scan cannot pass vacuously: it covered the whole run, and it does see the token where it legitimately is
     names = {str(p.relative_to(repo)) for p in files if repo in p.parents}
-    assert {"dvc.lock", "params.yaml", "metrics/evaluate.json", "models/release/README.md", ".rlhf/promoted/release/README.md"} <= names
-    assert any(name.startswith(".git/objects/") for name in names) and any(name.startswith(".dvc/cache/") for name in names)
+    assert {
+        "dvc.lock",
+        "params.yaml",
+        "metrics/evaluate.json",
+        "models/release/README.md",
+        ".rlhf/promoted/release/README.md",
+    } <= names
+    assert any(name.startswith(".git/objects/") for name in names) and any(
+        name.startswith(".dvc/cache/") for name in names
+    )
     assert len(files) > 100 and scanned_bytes > 1_000_000 and database.exists()
-    assert records["logs"].count("@rlhf") > 10 and "stage-metrics" in records["artifacts"] and "published org/secret-scan" in records["logs"]
+    assert (
+        records["logs"].count("@rlhf") > 10
+        and "stage-metrics" in records["artifacts"]
+        and "published org/secret-scan" in records["logs"]
+    )
     assert any(name.endswith("README.md") for name in stored) and "published" in cli.stdout
-    authorizations = [value for r in hub.requests for name, value in r.headers.items() if name.lower() == "authorization"]
+    authorizations = [
+        value for r in hub.requests for name, value in r.headers.items() if name.lower() == "authorization"
+    ]
     assert authorizations.count(f"Bearer {PLANTED}") >= 4  # the token was really used (in the header, where it belongs)

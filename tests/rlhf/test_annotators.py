@@ -127,8 +127,14 @@ def test_load_callable():
 
 @pytest.mark.parametrize(
     "spec",
-    ["rlhf.embedded.gold_score", "rlhf.embedded:", ":gold_score", "no_such_module_xyz:f", "rlhf.embedded:nope",
-     "rlhf.embedded:NOUNS"],
+    [
+        "rlhf.embedded.gold_score",
+        "rlhf.embedded:",
+        ":gold_score",
+        "no_such_module_xyz:f",
+        "rlhf.embedded:nope",
+        "rlhf.embedded:NOUNS",
+    ],
 )
 def test_load_callable_errors_name_the_spec(spec):
     with pytest.raises(ValueError, match=re.escape(repr(spec))):

@@ -17,7 +17,12 @@ from rlhf.ppo_trainer.memory import Bf16Weights
 from rlhf.ppo_trainer.models import PPOModels
 from rlhf.ppo_trainer.optimise import prepare_training
 
-PROMPTS = ["the plot was", "the music was very lovely and the cast was", "the film was", "the ending was dull but the script was"]
+PROMPTS = [
+    "the plot was",
+    "the music was very lovely and the cast was",
+    "the film was",
+    "the ending was dull but the script was",
+]
 
 
 def two_layer_net(seed: int) -> torch.nn.Module:
@@ -65,7 +70,9 @@ def test_compute_casts_from_the_masters_and_close_restores_the_same_tensors() ->
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     assert all(torch.equal(p.data, m.bfloat16()) for p, m in zip(net.parameters(), masters))
     weights.close()
-    assert all(p.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), masters))  # the fp32 storage itself, not a round trip
+    assert all(
+        p.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), masters)
+    )  # the fp32 storage itself, not a round trip
 
 
 def fresh_models(folder) -> PPOModels:
@@ -78,14 +85,28 @@ def fresh_models(folder) -> PPOModels:
     critic = load_scalar_model(folder, tokenizer.pad_token_id)
     torch.manual_seed(2)
     reward_model = load_scalar_model(folder, tokenizer.pad_token_id)
-    return PPOModels(policy=build_tiny_gpt2(shape, tokenizer, seed=0), reference=build_tiny_gpt2(shape, tokenizer, seed=0),
-                     critic=critic, reward_model=reward_model, reward_normalization=RewardNormalization(), tokenizer=tokenizer)
+    return PPOModels(
+        policy=build_tiny_gpt2(shape, tokenizer, seed=0),
+        reference=build_tiny_gpt2(shape, tokenizer, seed=0),
+        critic=critic,
+        reward_model=reward_model,
+        reward_normalization=RewardNormalization(),
+        tokenizer=tokenizer,
+    )
 
 
 def policy_update(folder, precision: str, bf16_weights: bool) -> torch.Tensor:
     """Parameter change of the policy after one PPO iteration (2 epochs × 2 minibatches) in the given precision."""
-    config = PPOConfig(iterations=1, rollout_batch_size=4, num_minibatches=2, ppo_epochs=2, response_length=6, learning_rate=1e-3,
-                       mixed_precision=precision, sampling_seeds="per_episode")
+    config = PPOConfig(
+        iterations=1,
+        rollout_batch_size=4,
+        num_minibatches=2,
+        ppo_epochs=2,
+        response_length=6,
+        learning_rate=1e-3,
+        mixed_precision=precision,
+        sampling_seeds="per_episode",
+    )
     models = fresh_models(folder)
     initial = [p.detach().clone() for p in models.policy.parameters()]
     AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state; each run sets its own precision
@@ -96,7 +117,9 @@ def policy_update(folder, precision: str, bf16_weights: bool) -> torch.Tensor:
         prepared.bf16_weights = None  # autocast over the fp32 weights
     history = train_ppo(models, PROMPTS, config, 0, accelerator, prepared=prepared)
     assert all(p.dtype == torch.float32 for p in prepared.module.parameters())
-    assert all(v.dtype == torch.float32 for state in prepared.optimizer.state.values() for v in state.values() if v.dim())
+    assert all(
+        v.dtype == torch.float32 for state in prepared.optimizer.state.values() for v in state.values() if v.dim()
+    )
     assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values() if isinstance(v, float))
     return torch.cat([(p.detach() - q).flatten() for p, q in zip(models.policy.parameters(), initial)])
 
@@ -114,6 +137,8 @@ def test_bf16_weights_update_is_as_close_to_fp32_as_autocasts(tmp_path, fresh_ac
     bf16 = policy_update(tmp_path / "b", "bf16", True)
     autocast = policy_update(tmp_path / "c", "bf16", False)
     cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-    print(f"cosine to fp32: bf16 weights {cosine(bf16, fp32):.5f}, autocast {cosine(autocast, fp32):.5f}; bf16 vs autocast {cosine(bf16, autocast):.5f}")
+    print(
+        f"cosine to fp32: bf16 weights {cosine(bf16, fp32):.5f}, autocast {cosine(autocast, fp32):.5f}; bf16 vs autocast {cosine(bf16, autocast):.5f}"
+    )
     assert fp32.norm() > 1e-3
     assert cosine(bf16, fp32) > 0.99 and cosine(bf16, fp32) > cosine(autocast, fp32) - 0.005

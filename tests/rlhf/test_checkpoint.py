@@ -43,7 +43,12 @@ def trained_state(seed: int = 0) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     model(torch.randn(2, 4)).square().sum().backward()
     optimizer.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(), "extras": {"kl_coef": 0.125, "note": "x"}}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": capture_rng(),
+        "extras": {"kl_coef": 0.125, "note": "x"},
+    }
 
 
 def assert_same(a, b) -> None:
@@ -89,8 +94,15 @@ def test_fingerprint_is_stable_and_sees_params_seed_and_input_contents(tmp_path:
 
 
 def draws(generator: torch.Generator) -> tuple:
-    return (random.random(), random.getrandbits(64), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4).tolist(),
-            torch.randint(1000, (5,), generator=generator).tolist(), torch.randperm(20, generator=generator).tolist())
+    return (
+        random.random(),
+        random.getrandbits(64),
+        np.random.rand(3).tolist(),
+        np.random.randn(),
+        torch.rand(4).tolist(),
+        torch.randint(1000, (5,), generator=generator).tolist(),
+        torch.randperm(20, generator=generator).tolist(),
+    )
 
 
 def test_restore_rng_makes_the_next_draws_bitwise_identical_after_a_save_and_load(tmp_path: Path) -> None:
@@ -152,7 +164,9 @@ def test_a_half_written_checkpoint_is_ignored_and_cleaned_up_by_the_next_save(tm
     assert torch.equal(load_latest(folder, "fp")[1]["w"], torch.full((2,), 2.0))
 
 
-def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "ck"
     save_checkpoint(folder, 10, {"w": torch.ones(2)}, "fp")
     pointer = (folder / "latest.json").read_text()
@@ -215,7 +229,12 @@ def test_per_rank_rng_files_are_written_by_every_rank_and_read_back_by_each(tmp_
         save_rank_rng(folder, 5, rank, {"shuffle": generator})
         expected.append((torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist()))
     save_checkpoint(folder, 5, {"model": {"w": torch.ones(1)}}, "fp", ranks=2)  # main process only
-    assert sorted(p.name for p in (folder / "step-5").iterdir()) == ["meta.json", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    assert sorted(p.name for p in (folder / "step-5").iterdir()) == [
+        "meta.json",
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+        "state.pt",
+    ]
     step, _ = load_latest(folder, "fp")
     for rank in (1, 0):
         generator = torch.Generator()
@@ -230,12 +249,16 @@ def test_per_rank_rng_files_are_written_by_every_rank_and_read_back_by_each(tmp_
 
 def test_checkpointer_saves_every_n_steps_but_not_at_the_end_and_reports_events(tmp_path: Path) -> None:
     events: list[tuple[str, dict]] = []
-    saver = ResumeCheckpoints(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
+    saver = ResumeCheckpoints(
+        tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields))
+    )
     assert [step for step in range(0, 16) if saver.due(step, 15)] == [5, 10]
     assert not ResumeCheckpoints(tmp_path / "off", "fp", every=0).due(5, 15)
     assert saver.resume() is None and "no checkpoint" in saver.kept()
     saver.save(10, {"w": torch.ones(1)})
-    again = ResumeCheckpoints(tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields)))
+    again = ResumeCheckpoints(
+        tmp_path / "ck", "fp", every=5, notify=lambda event, fields: events.append((event, fields))
+    )
     assert again.resume()[0] == 10 and "step 10" in again.kept()
     assert [(e, f["step"]) for e, f in events] == [("checkpoint", 10), ("resumed", 10)]
     again.clear()
@@ -248,25 +271,43 @@ def test_the_same_manager_serves_several_processes_each_restoring_its_own_rng(tm
     folder, events = tmp_path / "ck", []
 
     def manager(rank: int) -> ResumeCheckpoints:
-        return ResumeCheckpoints(folder, "fp", every=2, notify=lambda event, fields: events.append((rank, event)),
-                                 processes=Processes(rank, 2, gather=lambda step: [step, step]))
+        return ResumeCheckpoints(
+            folder,
+            "fp",
+            every=2,
+            notify=lambda event, fields: events.append((rank, event)),
+            processes=Processes(rank, 2, gather=lambda step: [step, step]),
+        )
 
     generators = [torch.Generator().manual_seed(10 + rank) for rank in range(2)]
     for rank in (1, 0):  # the main process saves state.pt once every rank's RNG file is in place
         manager(rank).save(4, lambda: {"w": torch.ones(1), "extras": {"note": "x"}}, {"shuffle": generators[rank]})
-    assert sorted(p.name for p in (folder / "step-4").iterdir()) == ["meta.json", "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    assert sorted(p.name for p in (folder / "step-4").iterdir()) == [
+        "meta.json",
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+        "state.pt",
+    ]
     expected = [torch.rand(2, generator=generator).tolist() for generator in generators]
     for rank in (0, 1):
         resumed, generator = manager(rank), torch.Generator()
-        assert resumed.open() == {"note": "x"} and resumed.resume()[0] == 4 and resumed.state is None  # handed over once
+        assert (
+            resumed.open() == {"note": "x"} and resumed.resume()[0] == 4 and resumed.state is None
+        )  # handed over once
         resumed.load_rng({"shuffle": generator})
         assert torch.rand(2, generator=generator).tolist() == expected[rank]
     assert events == [(0, "checkpoint"), (0, "resumed")]
     assert manager(0).open(validate=lambda extras: "a file it relies on is gone") is None and not folder.exists()
     assert events[-1] == (0, "checkpoint_discarded")
     unsupported = manager(0)
-    assert unsupported.open(unsupported="sharded state") is None and unsupported.every == 0 and events[-1] == (0, "checkpoint_unsupported")
-    single = ResumeCheckpoints(tmp_path / "one", "fp", every=2, notify=lambda event, fields: None)  # SFT, reward: no RNG files
+    assert (
+        unsupported.open(unsupported="sharded state") is None
+        and unsupported.every == 0
+        and events[-1] == (0, "checkpoint_unsupported")
+    )
+    single = ResumeCheckpoints(
+        tmp_path / "one", "fp", every=2, notify=lambda event, fields: None
+    )  # SFT, reward: no RNG files
     single.save(2, {"rng": capture_rng()})
     assert sorted(p.name for p in (tmp_path / "one" / "step-2").iterdir()) == ["meta.json", "state.pt"]
 

@@ -69,16 +69,26 @@ def test_a_renamed_key_fails_naming_the_new_one(tmp_path: Path, old: str, new: s
 
 def test_renamed_keys_name_one_meaning_each() -> None:
     # resume_every: crash-safety checkpoints outside DVC's outs; snapshot_*: policies kept for the evaluation curve
-    assert RENAMED_KEYS == {"sft.checkpoint_every": "sft.resume_every",
-                            "reward.checkpoint_every": "reward.resume_every",
-                            "ppo.checkpoint_every": "ppo.snapshot_every",
-                            "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts"}
+    assert RENAMED_KEYS == {
+        "sft.checkpoint_every": "sft.resume_every",
+        "reward.checkpoint_every": "reward.resume_every",
+        "ppo.checkpoint_every": "ppo.snapshot_every",
+        "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts",
+    }
 
 
 def test_stage_seeds_are_the_frozen_offsets() -> None:
     # frozen: a changed offset changes that stage's results (these are the values the stages always used)
-    assert STAGE_SEED_OFFSETS == {"prepare": 0, "sft": 0, "sample_pairs": 1, "label.annotator": 2, "label.split": 0,
-                                  "reward": 3, "ppo": 4, "evaluate": 5}
+    assert STAGE_SEED_OFFSETS == {
+        "prepare": 0,
+        "sft": 0,
+        "sample_pairs": 1,
+        "label.annotator": 2,
+        "label.split": 0,
+        "reward": 3,
+        "ppo": 4,
+        "evaluate": 5,
+    }
     params = Params(seed=7)
     assert [params.stage_seed(stream) for stream in STAGE_SEED_OFFSETS] == [7, 7, 8, 9, 7, 10, 11, 12]
     with pytest.raises(KeyError, match="release"):
@@ -87,49 +97,77 @@ def test_stage_seeds_are_the_frozen_offsets() -> None:
 
 # A key changed from its default in a mode where its stage ignores it: (params.yaml text, the start of the message)
 IDLE = [
-    ("prepare: {prompts_dataset: org/prompts}",
-     "prepare.prompts_dataset = 'org/prompts' has no effect: prepare.dataset is embedded (it applies to a real "
-     "dataset only); set it back to '' or name a real prepare.dataset"),
+    (
+        "prepare: {prompts_dataset: org/prompts}",
+        "prepare.prompts_dataset = 'org/prompts' has no effect: prepare.dataset is embedded (it applies to a real "
+        "dataset only); set it back to '' or name a real prepare.dataset",
+    ),
     ("prepare: {dataset_split: test}", "prepare.dataset_split = 'test' has no effect: prepare.dataset is embedded"),
     ("prepare: {eval_fraction: 0.2}", "prepare.eval_fraction = 0.2 has no effect: prepare.dataset is embedded"),
     ("prepare: {max_rows: 100}", "prepare.max_rows = 100 has no effect: prepare.dataset is embedded"),
-    ("prepare: {dataset: org/demos, n_demonstrations: 10}",
-     "prepare.n_demonstrations = 10 has no effect: prepare.dataset is 'org/demos' (it sizes the embedded corpus "
-     "only); set it back to 20000 or set prepare.dataset: embedded"),
-    ("prepare: {dataset: org/demos, n_train_prompts: 10}",
-     "prepare.n_train_prompts = 10 has no effect: prepare.dataset is 'org/demos'"),
-    ("prepare: {dataset: org/demos, n_eval_prompts: 10}",
-     "prepare.n_eval_prompts = 10 has no effect: prepare.dataset is 'org/demos'"),
-    ("prepare: {base_model: gpt2, vocab_size: 1000}",
-     "prepare.vocab_size = 1000 has no effect: prepare.base_model is 'gpt2' (a real model brings its own tokenizer "
-     "and shape); set it back to 512 or set prepare.base_model: embedded"),
-    ("prepare: {base_model: gpt2, model: {n_layer: 2}}",
-     "prepare.model.n_layer = 2 has no effect: prepare.base_model is 'gpt2'"),
-    ("prepare: {base_model: gpt2, model: {n_positions: 128}}",
-     "prepare.model.n_positions = 128 has no effect: prepare.base_model is 'gpt2'"),
-    ("label: {annotator: human, gold: 'my.judge:score'}",
-     "label.gold = 'my.judge:score' has no effect: label.annotator is 'human' (it applies to the simulated annotator "
-     "only); set it back to 'rlhf.embedded:gold_score' or set label.annotator: simulated"),
-    ("label: {annotator: dataset, dataset: org/prefs, temperature: 0.5}",
-     "label.temperature = 0.5 has no effect: label.annotator is 'dataset'"),
+    (
+        "prepare: {dataset: org/demos, n_demonstrations: 10}",
+        "prepare.n_demonstrations = 10 has no effect: prepare.dataset is 'org/demos' (it sizes the embedded corpus "
+        "only); set it back to 20000 or set prepare.dataset: embedded",
+    ),
+    (
+        "prepare: {dataset: org/demos, n_train_prompts: 10}",
+        "prepare.n_train_prompts = 10 has no effect: prepare.dataset is 'org/demos'",
+    ),
+    (
+        "prepare: {dataset: org/demos, n_eval_prompts: 10}",
+        "prepare.n_eval_prompts = 10 has no effect: prepare.dataset is 'org/demos'",
+    ),
+    (
+        "prepare: {base_model: gpt2, vocab_size: 1000}",
+        "prepare.vocab_size = 1000 has no effect: prepare.base_model is 'gpt2' (a real model brings its own tokenizer "
+        "and shape); set it back to 512 or set prepare.base_model: embedded",
+    ),
+    (
+        "prepare: {base_model: gpt2, model: {n_layer: 2}}",
+        "prepare.model.n_layer = 2 has no effect: prepare.base_model is 'gpt2'",
+    ),
+    (
+        "prepare: {base_model: gpt2, model: {n_positions: 128}}",
+        "prepare.model.n_positions = 128 has no effect: prepare.base_model is 'gpt2'",
+    ),
+    (
+        "label: {annotator: human, gold: 'my.judge:score'}",
+        "label.gold = 'my.judge:score' has no effect: label.annotator is 'human' (it applies to the simulated annotator "
+        "only); set it back to 'rlhf.embedded:gold_score' or set label.annotator: simulated",
+    ),
+    (
+        "label: {annotator: dataset, dataset: org/prefs, temperature: 0.5}",
+        "label.temperature = 0.5 has no effect: label.annotator is 'dataset'",
+    ),
     ("label: {annotator: human, flip_prob: 0.1}", "label.flip_prob = 0.1 has no effect: label.annotator is 'human'"),
-    ("label: {dataset: org/prefs}",
-     "label.dataset = 'org/prefs' has no effect: label.annotator is 'simulated' (it applies to imported preference "
-     "data only); set it back to '' or set label.annotator: dataset"),
+    (
+        "label: {dataset: org/prefs}",
+        "label.dataset = 'org/prefs' has no effect: label.annotator is 'simulated' (it applies to imported preference "
+        "data only); set it back to '' or set label.annotator: dataset",
+    ),
     ("label: {dataset_split: test}", "label.dataset_split = 'test' has no effect: label.annotator is 'simulated'"),
     ("label: {annotator: human, max_rows: 5}", "label.max_rows = 5 has no effect: label.annotator is 'human'"),
-    ("label: {labels_file: data/human_labels/other.jsonl}",
-     "label.labels_file = 'data/human_labels/other.jsonl' has no effect: label.annotator is 'simulated' (it applies "
-     "to human labels only); set it back to 'data/human_labels/labels.jsonl' or set label.annotator: human"),
-    ("ppo: {lora_alpha: 16}",
-     "ppo.lora_alpha = 16 has no effect: ppo.lora_rank is 0 (LoRA is off); set it back to 32 or set ppo.lora_rank > 0"),
+    (
+        "label: {labels_file: data/human_labels/other.jsonl}",
+        "label.labels_file = 'data/human_labels/other.jsonl' has no effect: label.annotator is 'simulated' (it applies "
+        "to human labels only); set it back to 'data/human_labels/labels.jsonl' or set label.annotator: human",
+    ),
+    (
+        "ppo: {lora_alpha: 16}",
+        "ppo.lora_alpha = 16 has no effect: ppo.lora_rank is 0 (LoRA is off); set it back to 32 or set ppo.lora_rank > 0",
+    ),
     ("ppo: {lora_target_modules: c_attn}", "ppo.lora_target_modules = 'c_attn' has no effect: ppo.lora_rank is 0"),
-    ("ppo: {adaptive_kl: false, kl_horizon: 500}",
-     "ppo.kl_horizon = 500 has no effect: ppo.adaptive_kl is false (β stays ppo.kl_coef = 0.1); "
-     "set it back to 10000 or set ppo.adaptive_kl: true"),
-    ("label: {annotator: human, labels_file: elsewhere/labels.jsonl}",
-     "label.labels_file 'elsewhere/labels.jsonl' lies outside data/human_labels/, the label stage's DVC dependency, "
-     "so DVC would not see new labels; keep the file under data/human_labels/"),
+    (
+        "ppo: {adaptive_kl: false, kl_horizon: 500}",
+        "ppo.kl_horizon = 500 has no effect: ppo.adaptive_kl is false (β stays ppo.kl_coef = 0.1); "
+        "set it back to 10000 or set ppo.adaptive_kl: true",
+    ),
+    (
+        "label: {annotator: human, labels_file: elsewhere/labels.jsonl}",
+        "label.labels_file 'elsewhere/labels.jsonl' lies outside data/human_labels/, the label stage's DVC dependency, "
+        "so DVC would not see new labels; keep the file under data/human_labels/",
+    ),
 ]
 
 
@@ -142,14 +180,17 @@ def test_a_key_its_stage_would_ignore_is_refused(tmp_path: Path, text: str, mess
     assert str(error.value).startswith(f"{path}: {message}") and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("text", [
-    "prepare: {dataset: org/demos, eval_fraction: 0.2, max_rows: 100, prompts_dataset: org/prompts}",  # real dataset
-    "prepare: {base_model: gpt2}",  # the embedded-only keys at their defaults (as params.yaml lists them) are fine
-    "label: {annotator: dataset, dataset: org/prefs, max_rows: 5}",
-    "label: {annotator: human, labels_file: ./data/human_labels/batch2.jsonl}",
-    "ppo: {lora_rank: 8, lora_alpha: 16, lora_target_modules: c_attn}",
-    "ppo: {adaptive_kl: false, kl_target: 6.0}",  # kl_target still sets the band evaluate reports
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "prepare: {dataset: org/demos, eval_fraction: 0.2, max_rows: 100, prompts_dataset: org/prompts}",  # real dataset
+        "prepare: {base_model: gpt2}",  # the embedded-only keys at their defaults (as params.yaml lists them) are fine
+        "label: {annotator: dataset, dataset: org/prefs, max_rows: 5}",
+        "label: {annotator: human, labels_file: ./data/human_labels/batch2.jsonl}",
+        "ppo: {lora_rank: 8, lora_alpha: 16, lora_target_modules: c_attn}",
+        "ppo: {adaptive_kl: false, kl_target: 6.0}",  # kl_target still sets the band evaluate reports
+    ],
+)
 def test_keys_in_their_mode_or_at_their_default_load(tmp_path: Path, text: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(text + "\n")

@@ -73,6 +73,7 @@ def test_validate_preferences_rejects_identical_pair() -> None:
     with pytest.raises(DataError, match=r"^pairs\.jsonl: row 1: 'chosen' and 'rejected' are identical"):
         validate_preferences(rows, "pairs.jsonl")
 
+
 # ------------------------------------------------------------------------------- splits and lengths
 
 

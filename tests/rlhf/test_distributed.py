@@ -26,8 +26,18 @@ REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # max |Δθ| allowed between the runs (measured 4e-7); the update itself moves parameters by ~2e-2
 # 2 iterations × 2 epochs × 2 minibatches, 2 micro-batches each: exercises shuffles, accumulation, whitening of rewards
 # and advantages, the adaptive KL controller (iteration 2 uses β updated from iteration 1's global KL) and LR annealing.
-CONFIG = dict(iterations=2, rollout_batch_size=16, num_minibatches=2, gradient_accumulation_steps=2, ppo_epochs=2,
-              response_length=8, learning_rate=3e-3, kl_horizon=200, whiten_rewards=True, sampling_seeds="per_episode")
+CONFIG = dict(
+    iterations=2,
+    rollout_batch_size=16,
+    num_minibatches=2,
+    gradient_accumulation_steps=2,
+    ppo_epochs=2,
+    response_length=8,
+    learning_rate=3e-3,
+    kl_horizon=200,
+    whiten_rewards=True,
+    sampling_seeds="per_episode",
+)
 SEED = 3
 
 
@@ -64,16 +74,21 @@ def worker(workdir: Path, profile: str, num_processes: int, out: Path, overrides
     prompts = json.loads((workdir / "prompts.json").read_text())
     history = train_ppo(models, prompts, config, SEED, accelerator, prepared=prepared)
     trained = accelerator.unwrap_model(prepared.module)
-    torch.save({
-        "world_size": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-        "parameters": {name: p.detach().cpu() for name, p in trained.named_parameters()},
-        "history": history,
-        "gradient_syncs": syncs,
-        "mixed_precision": accelerator.mixed_precision,
-        "bf16_weights": prepared.bf16_weights is not None,
-        "optimizer_state_dtypes": sorted({str(v.dtype) for state in prepared.optimizer.state.values() for v in state.values() if v.dim()}),
-    }, out / f"rank{accelerator.process_index}.pt")
+    torch.save(
+        {
+            "world_size": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value,
+            "parameters": {name: p.detach().cpu() for name, p in trained.named_parameters()},
+            "history": history,
+            "gradient_syncs": syncs,
+            "mixed_precision": accelerator.mixed_precision,
+            "bf16_weights": prepared.bf16_weights is not None,
+            "optimizer_state_dtypes": sorted(
+                {str(v.dtype) for state in prepared.optimizer.state.values() for v in state.values() if v.dim()}
+            ),
+        },
+        out / f"rank{accelerator.process_index}.pt",
+    )
     accelerator.end_training()
 
 
@@ -107,9 +122,22 @@ def launch(workdir: Path, profile: str, num_processes: int, out: Path, overrides
     """`accelerate launch` this file's worker (``overrides``: PPOConfig fields over CONFIG); returns each rank's result."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the profile alone must select the CPU
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / profile),
-               "--num_processes", str(num_processes), "--mixed_precision", "no",
-               __file__, str(workdir), profile, str(num_processes), str(out), json.dumps(overrides or {})]
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / profile),
+        "--num_processes",
+        str(num_processes),
+        "--mixed_precision",
+        "no",
+        __file__,
+        str(workdir),
+        profile,
+        str(num_processes),
+        str(out),
+        json.dumps(overrides or {}),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
@@ -157,10 +185,14 @@ def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(
     workdir = build_workdir(tmp_path / "models")
     single_step = {"gradient_accumulation_steps": 1}  # bf16 weights: one micro-batch per optimiser step
     fp32 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "fp32", single_step)[0]
-    bf16 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "bf16", {**single_step, "mixed_precision": "bf16"})[0]
+    bf16 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "bf16", {**single_step, "mixed_precision": "bf16"})[
+        0
+    ]
     assert (fp32["mixed_precision"], fp32["bf16_weights"]) == ("no", False)
     assert (bf16["mixed_precision"], bf16["bf16_weights"]) == ("bf16", True)
-    assert all(p.dtype == torch.float32 for p in bf16["parameters"].values()) and bf16["optimizer_state_dtypes"] == ["torch.float32"]
+    assert all(p.dtype == torch.float32 for p in bf16["parameters"].values()) and bf16["optimizer_state_dtypes"] == [
+        "torch.float32"
+    ]
     initial = build_initial_parameters(workdir)
     update = lambda run: torch.cat([(run["parameters"][name] - initial[name]).flatten() for name in initial])  # noqa: E731
     cosine = float(torch.nn.functional.cosine_similarity(update(bf16), update(fp32), dim=0))
@@ -237,7 +269,15 @@ def train_one_iteration(workdir: Path, **options):
     from rlhf.ppo_trainer.models import load_ppo_models
     from rlhf.ppo_trainer.optimise import prepare_training
 
-    config = PPOConfig(iterations=1, rollout_batch_size=8, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2, **options)
+    config = PPOConfig(
+        iterations=1,
+        rollout_batch_size=8,
+        num_minibatches=2,
+        ppo_epochs=1,
+        response_length=6,
+        learning_rate=1e-2,
+        **options,
+    )
     accelerator = Accelerator(cpu=True)
     models = load_ppo_models(config, workdir / "sft", workdir / "reward")
     prepared = prepare_training(models, config, accelerator)
@@ -272,13 +312,14 @@ def test_lora_policy_is_its_own_reference_and_exports_a_plain_merged_model(tiny_
     trained = {n for n, p in prepared.module.named_parameters() if p.requires_grad}
     assert all("lora_" in n for n in trained if n.startswith("policy."))
     exported = export_policy(accelerator, prepared.module)
-    assert type(exported).__name__ == "GPT2LMHeadModel" and not any("lora_" in n for n, _ in exported.named_parameters())
+    assert type(exported).__name__ == "GPT2LMHeadModel" and not any(
+        "lora_" in n for n, _ in exported.named_parameters()
+    )
 
 
 def test_value_head_on_the_policy_trunk_replaces_the_critic(tiny_workdir: Path) -> None:
-    from rlhf.modeling import load_scalar_model
-
     from rlhf.config import PPOConfig
+    from rlhf.modeling import load_scalar_model
     from rlhf.ppo_trainer.models import load_ppo_models
 
     reward_head = load_scalar_model(tiny_workdir / "reward").score.weight.detach().clone()

@@ -127,7 +127,10 @@ def _long_key(prompt):
 def test_make_corpus_sizes_determinism_and_validity():
     corpus = make_corpus(seed=7, n_demonstrations=400, n_train_prompts=200, n_eval_prompts=100)
     assert {k: len(v) for k, v in corpus.items()} == {
-        "sft_train": 400, "sft_eval": 20, "prompts_train": 200, "prompts_eval": 100
+        "sft_train": 400,
+        "sft_eval": 20,
+        "prompts_train": 200,
+        "prompts_eval": 100,
     }
     assert corpus == make_corpus(seed=7, n_demonstrations=400, n_train_prompts=200, n_eval_prompts=100)
     assert corpus != make_corpus(seed=8, n_demonstrations=400, n_train_prompts=200, n_eval_prompts=100)

@@ -6,8 +6,17 @@ import statistics
 
 import pytest
 
-from rlhf.evaluation import (Samples, bootstrap_interval, compare_policies, distinct_fraction, distinct_n, pair_outcomes,
-                             repetition_rate, win_rate, win_rate_interval)
+from rlhf.evaluation import (
+    Samples,
+    bootstrap_interval,
+    compare_policies,
+    distinct_fraction,
+    distinct_n,
+    pair_outcomes,
+    repetition_rate,
+    win_rate,
+    win_rate_interval,
+)
 
 
 def test_win_rate_counts_ties_half() -> None:
@@ -79,7 +88,9 @@ def samples(responses: list[str], finished: list[bool], rm: list[float], kl: lis
 
 def test_compare_policies_on_hand_values() -> None:
     gold = {"good": 2.0, "ok": 1.0, "bad": -1.0, "junk": -4.0}
-    policy = samples(["good", "good", "ok", "junk"], [True, True, True, False], [1.0, 1.0, 0.5, -1.0], [1.0, 2.0, 3.0, 2.0])
+    policy = samples(
+        ["good", "good", "ok", "junk"], [True, True, True, False], [1.0, 1.0, 0.5, -1.0], [1.0, 2.0, 3.0, 2.0]
+    )
     sft = samples(["bad", "good", "junk", "ok"], [True, True, True, True], [-1.0, 1.0, -2.0, 0.5], [0.0] * 4)
     metrics = compare_policies(policy, sft, lambda p, r: gold[r], lambda p, r: r != "junk")
     # gold pairs: 2>−1 win, 2=2 tie, 1>−4 win, −4<1 loss → (1 + 0.5 + 1 + 0) / 4

@@ -88,6 +88,7 @@ def test_renderer_for_uses_the_chat_template(tiny_tokenizer) -> None:
         {"prompt": "<user>Is the sky blue?</s><assistant>", "chosen": "Yes, on a clear day.</s>", "rejected": "No.</s>"}
     ]
 
+
 # --------------------------------------------------------------------------------------- importers
 
 

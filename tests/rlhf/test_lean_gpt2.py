@@ -11,8 +11,19 @@ from rlhf.sampling import lean_sample
 
 
 def tiny_config(**overrides) -> GPT2Config:
-    values = dict(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                  eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    values = dict(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
+    )
     values.update(overrides)
     return GPT2Config(**values)
 
@@ -78,7 +89,9 @@ def test_sampler_logprobs_equal_a_full_forward_and_rows_stop_at_eos() -> None:
     with torch.no_grad():
         model.lm_head.weight[1] *= 0  # EOS equally likely as others: some rows end early
     generator = torch.Generator().manual_seed(3)
-    out = lean_sample(model, query, query_mask, 12, 0.7, eos_token_id=1, pad_token_id=0, generator=generator, keep_hidden=True)
+    out = lean_sample(
+        model, query, query_mask, 12, 0.7, eos_token_id=1, pad_token_id=0, generator=generator, keep_hidden=True
+    )
     t = out.responses.shape[1]
     ended_at = [(row == 1).nonzero()[0].item() if (row == 1).any() else None for row in out.responses]
     assert (out.responses[:, 0] != 1).all()
@@ -90,11 +103,16 @@ def test_sampler_logprobs_equal_a_full_forward_and_rows_stop_at_eos() -> None:
     assert t == 12 or all(end is not None for end in ended_at)
     ids = torch.cat([query, out.responses], 1)
     mask = torch.cat([query_mask, response_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, query.shape[1] - 1 : -1] / 0.7
+    logits = (
+        model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, query.shape[1] - 1 : -1]
+        / 0.7
+    )
     full = torch.log_softmax(logits, -1).gather(-1, out.responses[..., None]).squeeze(-1)
     valid = response_mask.bool()
     assert torch.allclose(out.logprobs[valid], full[valid], atol=1e-5)
-    hidden = model.transformer(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state[:, query.shape[1] - 1 : -1]
+    hidden = model.transformer(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state[
+        :, query.shape[1] - 1 : -1
+    ]
     assert torch.allclose(out.hidden[valid], hidden[valid], atol=1e-5)
 
 

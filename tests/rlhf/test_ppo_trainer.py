@@ -41,7 +41,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> PPOModels:
     )
 
 
-PROMPTS = ["the plot was", "the music was very lovely and the cast was", "the film was", "the ending was dull but the script was"]
+PROMPTS = [
+    "the plot was",
+    "the music was very lovely and the cast was",
+    "the film was",
+    "the ending was dull but the script was",
+]
 
 
 def test_train_time_logprobs_equal_rollout_logprobs_before_any_update(models: PPOModels) -> None:
@@ -49,7 +54,9 @@ def test_train_time_logprobs_equal_rollout_logprobs_before_any_update(models: PP
     config = PPOConfig(response_length=8, temperature=0.7)
     trainable = PolicyAndCritic(models.policy, models.critic)
     torch.manual_seed(0)
-    experience = collect_experience(models, trainable, PROMPTS, config, forward_batch_size=2, device=torch.device("cpu"))
+    experience = collect_experience(
+        models, trainable, PROMPTS, config, forward_batch_size=2, device=torch.device("cpu")
+    )
     # reference = same weights as the policy: per-token KL exactly 0 on valid tokens
     assert torch.allclose(experience.logprobs, experience.ref_logprobs, atol=1e-6)
     experience = add_advantages(experience, config, kl_coef=0.1, all_reduce_sum=None)
@@ -61,17 +68,26 @@ def test_train_time_logprobs_equal_rollout_logprobs_before_any_update(models: PP
 def perturbed_experience(models: PPOModels, trainable: PolicyAndCritic, config: PPOConfig):
     """A rollout batch whose old log-probs and values are off the current model's (ratios ≠ 1, some clipped)."""
     torch.manual_seed(0)
-    experience = collect_experience(models, trainable, PROMPTS, config, forward_batch_size=4, device=torch.device("cpu"))
+    experience = collect_experience(
+        models, trainable, PROMPTS, config, forward_batch_size=4, device=torch.device("cpu")
+    )
     experience = add_advantages(experience, config, kl_coef=0.1, all_reduce_sum=None)
     generator = torch.Generator().manual_seed(1)
-    experience.logprobs = experience.logprobs + 0.3 * torch.randn(experience.logprobs.shape, generator=generator) * experience.response_mask
-    experience.values = experience.values + 0.5 * torch.randn(experience.values.shape, generator=generator) * experience.response_mask
+    experience.logprobs = (
+        experience.logprobs
+        + 0.3 * torch.randn(experience.logprobs.shape, generator=generator) * experience.response_mask
+    )
+    experience.values = (
+        experience.values + 0.5 * torch.randn(experience.values.shape, generator=generator) * experience.response_mask
+    )
     return experience
 
 
 def test_policy_then_critic_backward_gives_the_joint_backwards_gradients_and_statistics(models: PPOModels) -> None:
     """Two backwards (policy, then critic) over disjoint parameters: the same gradients, bit for bit, as one."""
-    config = PPOConfig(response_length=8, temperature=0.7, ent_coef=0.01, vf_coef=0.3, clip_range=0.1, clip_range_value=0.1)
+    config = PPOConfig(
+        response_length=8, temperature=0.7, ent_coef=0.01, vf_coef=0.3, clip_range=0.1, clip_range_value=0.1
+    )
     trainable = PolicyAndCritic(models.policy, models.critic)
     assert trainable.lean
     experience = perturbed_experience(models, trainable, config)
@@ -102,11 +118,15 @@ def test_policy_then_critic_backward_casts_one_model_at_a_time_under_bf16_weight
         dtypes = lambda model: {p.dtype for p in model.parameters()}  # noqa: E731
         return lambda module, args: seen.append((name, dtypes(trainable.policy), dtypes(trainable.critic)))
 
-    handles = [trainable.policy.transformer.wte.register_forward_pre_hook(record("policy")),
-               trainable.critic.transformer.wte.register_forward_pre_hook(record("critic"))]
+    handles = [
+        trainable.policy.transformer.wte.register_forward_pre_hook(record("policy")),
+        trainable.critic.transformer.wte.register_forward_pre_hook(record("critic")),
+    ]
     AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state: this test's precision is bf16
     try:
-        stats = policy_then_critic_backward(trainable, experience, config, 1.0, Accelerator(cpu=True, mixed_precision="bf16"), weights)
+        stats = policy_then_critic_backward(
+            trainable, experience, config, 1.0, Accelerator(cpu=True, mixed_precision="bf16"), weights
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -125,9 +145,19 @@ def test_shards_are_disjoint_and_equal_sized() -> None:
 
 
 def test_one_iteration_changes_the_policy_and_logs_metrics(models: PPOModels) -> None:
-    config = PPOConfig(iterations=1, rollout_batch_size=4, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2)
+    config = PPOConfig(
+        iterations=1, rollout_batch_size=4, num_minibatches=2, ppo_epochs=1, response_length=6, learning_rate=1e-2
+    )
     before = [p.detach().clone() for p in models.policy.parameters()]
     history = train_ppo(models, PROMPTS, config, seed=0, accelerator=Accelerator(cpu=True))
     assert len(history) == 1 and history[0]["episodes"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, models.policy.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(models.reference.parameters(), build_tiny_gpt2(TinyModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=48), models.tokenizer, seed=0).parameters()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            models.reference.parameters(),
+            build_tiny_gpt2(
+                TinyModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=48), models.tokenizer, seed=0
+            ).parameters(),
+        )
+    )

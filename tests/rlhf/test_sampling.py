@@ -12,8 +12,19 @@ EOS, PAD = 1, 0
 
 def tiny_policy() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=2)
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=2,
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 0  # EOS about as likely as any token: some rows end early

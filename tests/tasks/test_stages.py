@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from rlhf.files import path_digest, write_jsonl
 from support import run_stage, tiny_params, write_params
+
 from rlhf import data
+from rlhf.files import path_digest, write_jsonl
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer
 from rlhf.training import raw_scores
 
@@ -61,7 +61,10 @@ def real_sources(pipeline_workspace: Path, tmp_path: Path, monkeypatch: pytest.M
 
 
 def hh_row(question: str, good: str, bad: str) -> dict:
-    return {"chosen": f"\n\nHuman: {question}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {question}\n\nAssistant: {bad}"}
+    return {
+        "chosen": f"\n\nHuman: {question}\n\nAssistant: {good}",
+        "rejected": f"\n\nHuman: {question}\n\nAssistant: {bad}",
+    }
 
 
 def test_prepare_loads_a_real_model_and_an_hh_rlhf_dataset(real_sources: Path) -> None:
@@ -76,7 +79,9 @@ def test_prepare_loads_a_real_model_and_an_hh_rlhf_dataset(real_sources: Path) -
 
 
 def test_prepare_rejects_a_prompt_longer_than_allowed_before_loading_the_model(real_sources: Path, capsys) -> None:
-    rows = [{"prompt": "the plot was", "response": " lovely ."}] * 10 + [{"prompt": "the plot was " * 30, "response": " dull ."}]
+    rows = [{"prompt": "the plot was", "response": " lovely ."}] * 10 + [
+        {"prompt": "the plot was " * 30, "response": " dull ."}
+    ]
     write_jsonl(real_sources / "demos.jsonl", rows)
     set_params(real_sources, prepare={"dataset": str(real_sources / "demos.jsonl"), "eval_fraction": 0.5})
     with pytest.raises(SystemExit):
@@ -129,11 +134,22 @@ def test_label_imports_an_ultrafeedback_style_dataset(in_copy_of_workspace: Path
     def conversation(answer: str) -> list[dict]:
         return [{"role": "user", "content": "review the film"}, {"role": "assistant", "content": answer}]
 
-    rows = [{"prompt": "review the film", "chosen": conversation(f"great {i}"), "rejected": conversation(f"bad {i}"), "score_chosen": 9.0, "score_rejected": 2.0} for i in range(30)]
+    rows = [
+        {
+            "prompt": "review the film",
+            "chosen": conversation(f"great {i}"),
+            "rejected": conversation(f"bad {i}"),
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        }
+        for i in range(30)
+    ]
     write_jsonl(in_copy_of_workspace / "uf.jsonl", rows)
     set_params(in_copy_of_workspace, label={"annotator": "dataset", "dataset": str(in_copy_of_workspace / "uf.jsonl")})
     run_stage("label")
-    records = data.read_jsonl(in_copy_of_workspace / "data/preferences/train.jsonl") + data.read_jsonl(in_copy_of_workspace / "data/preferences/eval.jsonl")
+    records = data.read_jsonl(in_copy_of_workspace / "data/preferences/train.jsonl") + data.read_jsonl(
+        in_copy_of_workspace / "data/preferences/eval.jsonl"
+    )
     assert len(records) == 30
     record = next(r for r in records if r["chosen"].endswith("great 0"))
     assert record["prompt"] == "\n\nHuman: review the film\n\nAssistant:" and record["rejected"] == " bad 0"
@@ -142,7 +158,9 @@ def test_label_imports_an_ultrafeedback_style_dataset(in_copy_of_workspace: Path
 # ----------------------------------------------------------------------------------------------------------- reward
 
 
-def test_reward_rejects_a_malformed_preference_file_without_touching_the_model(in_copy_of_workspace: Path, capsys) -> None:
+def test_reward_rejects_a_malformed_preference_file_without_touching_the_model(
+    in_copy_of_workspace: Path, capsys
+) -> None:
     before = path_digest(in_copy_of_workspace / "models/reward")
     path = in_copy_of_workspace / "data/preferences/train.jsonl"
     path.write_text(path.read_text() + '{"prompt": "the plot was", "chosen": \n')
@@ -170,7 +188,9 @@ def test_reward_scores_are_normalised_on_sft_samples(pipeline_workspace: Path) -
     model = load_scalar_model(folder, tokenizer.pad_token_id).eval()
     samples = data.read_jsonl(pipeline_workspace / "data/pairs/samples.jsonl")
     pairs = [(r["prompt"], x) for r in samples for x in r["responses"]]
-    scores = RewardNormalization.load(folder).apply(raw_scores(model, tokenizer, [p for p, _ in pairs], [x for _, x in pairs]))
+    scores = RewardNormalization.load(folder).apply(
+        raw_scores(model, tokenizer, [p for p, _ in pairs], [x for _, x in pairs])
+    )
     assert abs(float(scores.mean())) < 1e-3 and abs(float(scores.std()) - 1.0) < 1e-3
 
 
@@ -183,8 +203,18 @@ def test_ppo_updates_the_policy_and_logs_the_usual_metrics(pipeline_workspace: P
     with (pipeline_workspace / "plots/ppo.csv").open() as handle:
         history = list(csv.DictReader(handle))
     assert [row["step"] for row in history] == ["1", "2"]
-    for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "ppo/policy/approxkl", "ppo/policy/clipfrac",
-                 "ppo/val/clipfrac", "ppo/loss/policy", "ppo/loss/value", "ppo/policy/entropy", "timing/rollout"):
+    for name in (
+        "objective/kl",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "ppo/policy/approxkl",
+        "ppo/policy/clipfrac",
+        "ppo/val/clipfrac",
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/policy/entropy",
+        "timing/rollout",
+    ):
         assert name in history[0]
     # adaptive controller moved β after the first iteration
     assert float(history[1]["objective/kl_coef"]) != float(history[0]["objective/kl_coef"])
@@ -219,8 +249,19 @@ def test_ppo_saves_a_policy_snapshot_every_snapshot_every_iterations(pipeline_wo
 
 def test_evaluate_reports_proxy_and_gold_side_by_side(pipeline_workspace: Path) -> None:
     metrics = read_json(pipeline_workspace / "metrics/evaluate.json")
-    for name in ("gold_win_rate", "gold_score_policy", "gold_score_sft", "rm_score_policy", "rm_score_sft", "kl_to_ref",
-                 "valid_rate_policy", "valid_rate_sft", "n_prompts", "distinct_policy", "response_length_policy"):
+    for name in (
+        "gold_win_rate",
+        "gold_score_policy",
+        "gold_score_sft",
+        "rm_score_policy",
+        "rm_score_sft",
+        "kl_to_ref",
+        "valid_rate_policy",
+        "valid_rate_sft",
+        "n_prompts",
+        "distinct_policy",
+        "response_length_policy",
+    ):
         assert name in metrics
     assert metrics["n_samples"] == 16 and 0.0 <= metrics["gold_win_rate"] <= 1.0
     assert metrics["gold_win_rate_ci_low"] <= metrics["gold_win_rate"] <= metrics["gold_win_rate_ci_high"]
@@ -258,7 +299,9 @@ def test_release_folder_is_loadable_and_its_card_quotes_the_metrics(pipeline_wor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = pipeline_workspace / "models/release"
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= {
+        p.name for p in folder.iterdir()
+    }
     card = (folder / "README.md").read_text()
     front_matter = yaml.safe_load(card.split("---")[1])
     assert {"rlhf", "ppo"} <= set(front_matter["tags"])
@@ -269,7 +312,14 @@ def test_release_folder_is_loadable_and_its_card_quotes_the_metrics(pipeline_wor
     model_index = front_matter["model-index"][0]["results"][0]
     assert model_index["task"]["type"] == "text-generation"
     published = {m["type"]: m["value"] for m in model_index["metrics"]}
-    assert {"gold_win_rate", "gold_win_rate_ci_low", "gold_win_rate_ci_high", "rm_score_policy", "kl_to_ref", "valid_rate_policy"} <= set(published)
+    assert {
+        "gold_win_rate",
+        "gold_win_rate_ci_low",
+        "gold_win_rate_ci_high",
+        "rm_score_policy",
+        "kl_to_ref",
+        "valid_rate_policy",
+    } <= set(published)
     assert all(published[name] == evaluation[name] for name in published)
     # the plots travel with the card
     for name in ("ppo_training.png", "overoptimization.png"):
