@@ -115,7 +115,8 @@ def markdown_table(rows: list[dict], parameters: int, args: argparse.Namespace) 
     header += " peak GPU MiB |" if gpu else ""
     header += " episodes/s |"
     lines = [
-        f"Policy {parameters / 1e6:.1f} M parameters, {args.episodes} episodes × {args.response_length} tokens per iteration, "
+        f"Policy {parameters / 1e6:.1f} M parameters, {args.episodes} episodes × "
+        f"{args.response_length} tokens per iteration, "
         f"device {rows[0]['device']}, mixed precision {rows[0]['mixed_precision']}.",
         "",
         header,
@@ -123,7 +124,8 @@ def markdown_table(rows: list[dict], parameters: int, args: argparse.Namespace) 
     ]
     for r in rows:
         line = (
-            f"| {r['label']} | {r['models']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['trainable_parameters'] / 1e6:.1f} M |"
+            f"| {r['label']} | {r['models']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
+            f" {r['trainable_parameters'] / 1e6:.1f} M |"
             f" {r['peak_rss_mib']:.0f} ({r['peak_rss_mib'] - r['baseline_rss_mib']:+.0f}) |"
         )
         line += f" {r['peak_gpu_mib']:.0f} |" if gpu else ""
@@ -175,7 +177,8 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{label}, checkpointing {row['gradient_checkpointing']}: {json.dumps(row)} ({time.perf_counter() - started:.0f} s)",
+                f"{label}, checkpointing {row['gradient_checkpointing']}: {json.dumps(row)} "
+                f"({time.perf_counter() - started:.0f} s)",
                 file=sys.stderr,
             )
     table = markdown_table(rows, parameters, args)

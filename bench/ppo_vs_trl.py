@@ -212,10 +212,13 @@ def run_trl(folder: Path, args: argparse.Namespace, no_gc: bool) -> dict:
     tokenizer.padding_side = "left"
     prompts = json.loads((folder / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-    load_lm = lambda: AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32)  # noqa: E731
-    load_scalar = lambda: AutoModelForSequenceClassification.from_pretrained(
-        folder / "reward", num_labels=1, dtype=torch.float32
-    )  # noqa: E731
+
+    def load_lm():
+        return AutoModelForCausalLM.from_pretrained(folder / "sft", dtype=torch.float32)
+
+    def load_scalar():
+        return AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32)
+
     iterations = args.warmup + args.iterations
     config = PPOConfig(
         output_dir=str(folder / "trl-out"),
@@ -376,13 +379,15 @@ def markdown(results: list[dict]) -> str:
             )
     rows += [
         "",
-        "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s | peak fraction | speedup vs TRL at 100 % of peak |",
+        "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s "
+        "| peak fraction | speedup vs TRL at 100 % of peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
-            f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | {r['rss_ratio']:.2f} | "
-            f"{r['model_flops_per_second'] / 1e12:.3f} | {r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
+            f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | "
+            f"{r['rss_ratio']:.2f} | {r['model_flops_per_second'] / 1e12:.3f} | "
+            f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
             f"{r['speedup_bound_vs_trl']:.1f} |"
         )
     return "\n".join(rows)
@@ -431,7 +436,8 @@ def main() -> None:
                     result = spawn(name, folder, size_args)
                     trials[name].append(result)
                     print(
-                        f"{size} round {round_index + 1} {name}: {result['episodes'] / result['seconds']:.2f} episodes/s, "
+                        f"{size} round {round_index + 1} {name}: "
+                        f"{result['episodes'] / result['seconds']:.2f} episodes/s, "
                         f"peak RSS {result['peak_rss_mib']:.0f} MiB",
                         flush=True,
                     )

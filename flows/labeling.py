@@ -34,7 +34,7 @@ from pydantic import Field, create_model
 
 from rlhf import data
 from rlhf.annotators import pairs_from_samples
-from rlhf.config import load_params
+from rlhf.params import load_params
 
 SAMPLES = Path("data/pairs/samples.jsonl")
 LABELLING_ARTIFACT_KEY = "labelling"

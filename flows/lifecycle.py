@@ -18,7 +18,7 @@ from flows.labeling import collect_human_labels
 from flows.stages import StageOutcome, run_stage
 from pipeline.lock import workspace_lock
 from pipeline.workspace import stage_names
-from rlhf.config import load_params
+from rlhf.params import load_params
 
 # Retries per stage. ppo resumes from its resume checkpoint, so a retry costs at most ppo.resume_every iterations;
 # sft and reward resume too but are short; the others restart, and a human-labelled run must not repeat silently.

@@ -132,13 +132,15 @@ def build_model_card(
     summary = ""
     if "gold_win_rate" in evaluation:
         interval = (
-            f" (95 % bootstrap interval {_fmt(evaluation['gold_win_rate_ci_low'])}–{_fmt(evaluation['gold_win_rate_ci_high'])})"
+            f" (95 % bootstrap interval {_fmt(evaluation['gold_win_rate_ci_low'])}"
+            f"–{_fmt(evaluation['gold_win_rate_ci_high'])})"
             if "gold_win_rate_ci_low" in evaluation
             else ""
         )
         summary = (
             f"Against its SFT starting point the policy wins {_fmt(evaluation['gold_win_rate'])} of paired comparisons "
-            f"judged by the gold annotator{interval}, at a KL of {_fmt(evaluation.get('kl_to_ref'))} nats to the SFT policy.\n\n"
+            f"judged by the gold annotator{interval}, at a KL of {_fmt(evaluation.get('kl_to_ref'))} nats "
+            "to the SFT policy.\n\n"
         )
     sections = [
         f"# {model_name}",
@@ -166,10 +168,10 @@ def build_model_card(
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n```",
         "## Samples\n\n" + samples_markdown,
         "## Limitations\n\n"
-        "- The reward model is a learned proxy of the annotator; PPO optimises the proxy, so compare the proxy (RM) and "
-        "gold columns above: a rising RM score with a flat gold score is reward over-optimisation.\n"
-        "- The embedded default is a toy review grammar with a simulated annotator: its numbers say the pipeline learns, "
-        "not that the model is useful for anything else.\n"
+        "- The reward model is a learned proxy of the annotator; PPO optimises the proxy, so compare the proxy "
+        "(RM) and gold columns above: a rising RM score with a flat gold score is reward over-optimisation.\n"
+        "- The embedded default is a toy review grammar with a simulated annotator: its numbers say the "
+        "pipeline learns, not that the model is useful for anything else.\n"
         "- PPO narrows the output distribution (compare `distinct_*_policy` with `distinct_*_sft`).\n"
         "- Evaluation samples a few hundred held-out responses: read win rates with their bootstrap intervals.",
     ]

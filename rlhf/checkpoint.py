@@ -186,7 +186,8 @@ def load_rank_rng(
     path = Path(folder) / f"step-{step}" / f"rng-rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: missing; the checkpoint was written by fewer processes (include the process count in the fingerprint)"
+            f"{path}: missing; the checkpoint was written by fewer processes "
+            "(include the process count in the fingerprint)"
         )
     restore_rng(torch.load(path, weights_only=True), generators)
 
@@ -298,7 +299,8 @@ def load_latest(
         state = torch.load(latest / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged file must not stop a fresh start
         log(
-            f"{latest / STATE_FILE}: unreadable ({type(error).__name__}: {error}); discarding it, training starts from step 0"
+            f"{latest / STATE_FILE}: unreadable ({type(error).__name__}: {error}); "
+            "discarding it, training starts from step 0"
         )
         if discard:
             clear(folder)
@@ -362,8 +364,8 @@ class ResumeCheckpoints:
 
     @classmethod
     def for_stage(cls, stage: str, every: int, *parts: Any, **options: Any) -> ResumeCheckpoints:
-        """The checkpoints of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts`` (see :func:`fingerprint`);
-        ``options``: the other fields (notify, processes, noun, unit …)."""
+        """The checkpoints of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts``
+        (see :func:`fingerprint`); ``options``: the other fields (notify, processes, noun, unit …)."""
         return cls(checkpoint_folder(stage), fingerprint(*parts), every, **options)
 
     def _report(self, event: str, fields: dict) -> None:
@@ -390,7 +392,8 @@ class ResumeCheckpoints:
             problem = validate(found[1].get("extras", {})) if found else None
             if problem:
                 discarded(
-                    f"{self.folder}: discarding the checkpoint of step {found[0]}: {problem}; training starts from step 0"
+                    f"{self.folder}: discarding the checkpoint of step {found[0]}: {problem}; "
+                    "training starts from step 0"
                 )
                 found = None
         if processes.world_size > 1:  # every rank read the same files: a disagreement is a bug, not a choice
@@ -451,4 +454,7 @@ class ResumeCheckpoints:
         """A sentence for error messages: which checkpoint a rerun would resume from."""
         if self.last_step is None:
             return f"no {self.noun} was saved; a rerun starts from {self.unit} 0"
-        return f"the last good {self.noun} ({self.unit} {self.last_step}) is kept in {self.folder}; a rerun with the same params resumes from it"
+        return (
+            f"the last good {self.noun} ({self.unit} {self.last_step}) is kept in {self.folder}; "
+            "a rerun with the same params resumes from it"
+        )

@@ -1,27 +1,16 @@
 """Typed configuration: one dataclass per stage, read from ``params.yaml``.
 
-Each field has a one-line docstring-comment, and params.yaml lists every field with its default (tests/test_params.py).
-Unknown keys and wrong types fail with an error naming the file and the key, before any stage does work; so do renamed
-keys (:data:`RENAMED_KEYS`, naming the new key) and keys changed in a mode where their stage would ignore them
-(:data:`MODE_KEYS`). Derived sizes are computed (and checked for exact division) in one place:
-:meth:`PPOConfig.derived`.
+Each field has a one-line comment, and params.yaml lists every field with its default (tests/test_params.py).
+:func:`rlhf.params.load_params` reads and checks params.yaml. Derived sizes are computed (and checked for exact
+division) in one place: :meth:`PPOConfig.derived`.
 Each stage's random stream is seeded with :meth:`Params.stage_seed` (frozen offsets, :data:`STAGE_SEED_OFFSETS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import posixpath
-import re
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -139,21 +128,18 @@ class PPOConfig:
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
     config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; docs/design.md §6)
     num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
-    mixed_precision: str = "no"  # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
-    sampling_seeds: str = "per_rank"  # "per_rank": generate() seeded seed·1000+rank; "per_episode": the same episodes for any process count
-    value_model: str = (
-        "critic"  # "critic": separate critic (a second trunk); "head": linear value head on the policy trunk
-    )
+    # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
+    mixed_precision: str = "no"
+    # "per_rank": sampling seeded seed·1000 + rank; "per_episode": the same episodes for any process count
+    sampling_seeds: str = "per_rank"
+    value_model: str = "critic"  # "critic": separate critic (a second trunk); "head": value head on the policy trunk
     lora_rank: int = 0  # 0 = train all policy weights; > 0 = LoRA adapters (peft), reference = adapter disabled
     lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
-    gradient_checkpointing: bool = (
-        False  # recompute activations in backward (policy and critic): less memory, ~30 % slower
-    )
-    rollout_logprobs: str = "sampler"  # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
-    snapshot_every: int = (
-        15  # policy snapshot every N iterations, models/policy_checkpoints/step-N (0 = the final only)
-    )
+    gradient_checkpointing: bool = False  # recompute activations in backward (policy and critic): less memory, slower
+    # "sampler": old log-probs recorded while sampling (lean GPT-2 path); "recompute": one more policy forward
+    rollout_logprobs: str = "sampler"
+    snapshot_every: int = 15  # policy snapshot every N iterations: models/policy_checkpoints/step-N (0 = the last only)
     resume_every: int = 5  # resume checkpoint every N iterations in .rlhf/checkpoints/ppo (0 = none); not a DVC output
 
     def __post_init__(self) -> None:
@@ -272,328 +258,6 @@ def _exact_div(numerator: int, denominator: int, what: str, by: str) -> int:
             f"change one of them so it divides exactly{hint}"
         )
     return numerator // denominator
-
-
-def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
-    """Check ``value`` of ``key`` (a dotted path) against a field annotation (ints are accepted for floats)."""
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{file}: {key}: expected a mapping, got {value!r}")
-        return _build(annotation, value, file, key)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, annotation)
-    if not ok:
-        raise ConfigError(f"{file}: {key}: expected {annotation.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], file: str, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        guesses = {key: difflib.get_close_matches(key, names, n=1) for key in unknown}
-        if all(guesses.values()):  # typos: name the intended keys rather than list every known one
-            known = (
-                "did you mean "
-                + ", ".join(
-                    f"{match[0]!r} (for {key!r})" if len(unknown) > 1 else f"{match[0]!r}"
-                    for key, match in guesses.items()
-                )
-                + "?"
-            )
-        else:
-            known = f"known: {sorted(names)}"
-        raise ConfigError(f"{file}: {prefix or 'top level'}: unknown key(s) {unknown}; {known}")
-    kwargs = {key: _coerce(value, hints[key], file, f"{prefix}.{key}" if prefix else key) for key, value in raw.items()}
-    return cls(**kwargs)
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (only true/false), as DVC reads and writes params.yaml (ruamel).
-
-    `dvc exp run -S` rewrites params.yaml and drops the quotes of ``mixed_precision: 'no'``; YAML 1.1 would read
-    the bare ``no`` as False.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml (missing keys take the documented defaults)."""
-    path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    for old, new in RENAMED_KEYS.items():
-        section, key = old.split(".")
-        if isinstance(raw.get(section), dict) and key in raw[section]:
-            raise ConfigError(f"{path}: {old} was renamed to {new}; rename it")
-    params = _build(Params, raw, str(path))
-    _validate(params, str(path))
-    return params
-
-
-# Keys renamed for one name per meaning: "resume" = crash-safety checkpoints outside DVC's outs, "snapshot" = the
-# policies saved for the evaluation's over-optimisation curve. An old key fails naming the new one.
-RENAMED_KEYS = {
-    "sft.checkpoint_every": "sft.resume_every",
-    "reward.checkpoint_every": "reward.resume_every",
-    "ppo.checkpoint_every": "ppo.snapshot_every",
-    "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts",
-}
-
-# Range rules checked by load_params, so a bad value stops `dvc repro` at the first stage, before any training.
-POSITIVE = (  # must be > 0
-    "prepare.vocab_size",
-    "prepare.max_prompt_tokens",
-    "prepare.n_demonstrations",
-    "prepare.n_train_prompts",
-    "prepare.n_eval_prompts",
-    "prepare.model.n_layer",
-    "prepare.model.n_head",
-    "prepare.model.n_embd",
-    "prepare.model.n_positions",
-    "sft.steps",
-    "sft.batch_size",
-    "sft.learning_rate",
-    "sft.max_grad_norm",
-    "sft.eval_every",
-    "sample_pairs.temperature",
-    "sample_pairs.max_new_tokens",
-    "sample_pairs.batch_size",
-    "reward.epochs",
-    "reward.batch_size",
-    "reward.learning_rate",
-    "reward.max_grad_norm",
-    "reward.max_length",
-    "ppo.iterations",
-    "ppo.rollout_batch_size",
-    "ppo.num_minibatches",
-    "ppo.gradient_accumulation_steps",
-    "ppo.ppo_epochs",
-    "ppo.learning_rate",
-    "ppo.max_grad_norm",
-    "ppo.response_length",
-    "ppo.temperature",
-    "ppo.clip_range",
-    "ppo.clip_range_value",
-    "ppo.gamma",
-    "ppo.kl_target",
-    "ppo.kl_horizon",
-    "ppo.lora_alpha",
-    "evaluate.samples_per_prompt",
-    "evaluate.temperature",
-    "evaluate.max_new_tokens",
-    "evaluate.batch_size",
-)
-NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
-    "prepare.max_rows",
-    "sft.warmup_steps",
-    "sft.weight_decay",
-    "sample_pairs.n_prompts",
-    "label.temperature",
-    "label.max_rows",
-    "reward.warmup_steps",
-    "ppo.vf_coef",
-    "ppo.kl_coef",
-    "evaluate.n_prompts",
-    "evaluate.n_samples_table",
-    "evaluate.snapshot_prompts",
-    "evaluate.bootstrap_resamples",
-    "sft.resume_every",
-    "reward.resume_every",
-    "ppo.resume_every",
-)
-OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
-CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # in [0, 1]
-AT_MOST_ONE = ("ppo.gamma",)  # a discount
-
-
-def _value(params: Params, key: str) -> Any:
-    value: Any = params
-    for name in key.split("."):
-        value = getattr(value, name)
-    return value
-
-
-def _float_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Dotted keys of every float field (nested configs included)."""
-    keys = []
-    for item in dataclasses.fields(obj):
-        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
-        if dataclasses.is_dataclass(value):
-            keys += _float_keys(value, key + ".")
-        elif isinstance(value, float):
-            keys.append(key)
-    return keys
-
-
-def range_problems(params: Params) -> list[str]:
-    """Every out-of-range value, as "key must be …, got value" (empty when all are valid)."""
-    problems = [
-        f"{key} must be a finite number, got {_value(params, key)}"
-        for key in _float_keys(params)
-        if not math.isfinite(_value(params, key))
-    ]
-    problems += [f"{key} must be > 0, got {_value(params, key)}" for key in POSITIVE if not _value(params, key) > 0]
-    problems += [
-        f"{key} must be ≥ 0, got {_value(params, key)}" for key in NON_NEGATIVE if not _value(params, key) >= 0
-    ]
-    problems += [
-        f"{key} must be between 0 and 1 (exclusive), got {_value(params, key)}"
-        for key in OPEN_FRACTIONS
-        if not 0 < _value(params, key) < 1
-    ]
-    problems += [
-        f"{key} must be between 0 and 1, got {_value(params, key)}"
-        for key in CLOSED_FRACTIONS
-        if not 0 <= _value(params, key) <= 1
-    ]
-    problems += [f"{key} must be ≤ 1, got {_value(params, key)}" for key in AT_MOST_ONE if not _value(params, key) <= 1]
-    return problems
-
-
-# Keys that apply in one mode only: (keys, in effect?, the mode that makes them idle, how to make them count).
-# A key changed from its default while idle is refused, since the stage would ignore it without a word; at its
-# default it is fine (params.yaml lists every key).
-MODE_KEYS: tuple[tuple[tuple[str, ...], Callable[[Params], bool], Callable[[Params], str], str], ...] = (
-    (
-        ("prepare.dataset_split", "prepare.prompts_dataset", "prepare.eval_fraction", "prepare.max_rows"),
-        lambda p: p.prepare.dataset != "embedded",
-        lambda p: "prepare.dataset is embedded (it applies to a real dataset only)",
-        "name a real prepare.dataset",
-    ),
-    (
-        ("prepare.n_demonstrations", "prepare.n_train_prompts", "prepare.n_eval_prompts"),
-        lambda p: p.prepare.dataset == "embedded",
-        lambda p: f"prepare.dataset is {p.prepare.dataset!r} (it sizes the embedded corpus only)",
-        "set prepare.dataset: embedded",
-    ),
-    (
-        (
-            "prepare.vocab_size",
-            "prepare.model.n_layer",
-            "prepare.model.n_head",
-            "prepare.model.n_embd",
-            "prepare.model.n_positions",
-        ),
-        lambda p: p.prepare.base_model == "embedded",
-        lambda p: f"prepare.base_model is {p.prepare.base_model!r} (a real model brings its own tokenizer and shape)",
-        "set prepare.base_model: embedded",
-    ),
-    (
-        ("label.gold", "label.temperature", "label.flip_prob"),
-        lambda p: p.label.annotator == "simulated",
-        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to the simulated annotator only)",
-        "set label.annotator: simulated",
-    ),
-    (
-        ("label.dataset", "label.dataset_split", "label.max_rows"),
-        lambda p: p.label.annotator == "dataset",
-        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to imported preference data only)",
-        "set label.annotator: dataset",
-    ),
-    (
-        ("label.labels_file",),
-        lambda p: p.label.annotator == "human",
-        lambda p: f"label.annotator is {p.label.annotator!r} (it applies to human labels only)",
-        "set label.annotator: human",
-    ),
-    (
-        ("ppo.lora_alpha", "ppo.lora_target_modules"),
-        lambda p: p.ppo.lora_rank > 0,
-        lambda p: "ppo.lora_rank is 0 (LoRA is off)",
-        "set ppo.lora_rank > 0",
-    ),
-    (
-        ("ppo.kl_horizon",),
-        lambda p: p.ppo.adaptive_kl,
-        lambda p: f"ppo.adaptive_kl is false (β stays ppo.kl_coef = {p.ppo.kl_coef})",
-        "set ppo.adaptive_kl: true",
-    ),
-)
-HUMAN_LABELS_DIR = "data/human_labels"  # the label stage's DVC dependency (dvc.yaml): label.labels_file must lie in it
-
-
-def idle_key_problems(params: Params) -> list[str]:
-    """Every key changed from its default in a mode where its stage ignores it: one line naming key, cause and fix."""
-    defaults, problems = Params(), []
-    for keys, in_effect, idle_because, fix in MODE_KEYS:
-        if in_effect(params):
-            continue
-        for key in keys:
-            value, default = _value(params, key), _value(defaults, key)
-            if value != default:
-                problems.append(
-                    f"{key} = {value!r} has no effect: {idle_because(params)}; set it back to {default!r} or {fix}"
-                )
-    labels_file = posixpath.normpath(params.label.labels_file)
-    if params.label.annotator == "human" and not labels_file.startswith(HUMAN_LABELS_DIR + "/"):
-        problems.append(
-            f"label.labels_file {params.label.labels_file!r} lies outside {HUMAN_LABELS_DIR}/, the label "
-            "stage's DVC dependency, so DVC would not see new labels; "
-            f"keep the file under {HUMAN_LABELS_DIR}/"
-        )
-    return problems
-
-
-def _validate(params: Params, where: str) -> None:
-    """Choices, ranges and sizes that must divide; the first problem is raised, naming the file and the key."""
-    model = params.prepare.model
-    checks = [
-        (
-            params.label.annotator in {"simulated", "dataset", "human"},
-            f"label.annotator must be simulated, dataset or human, got {params.label.annotator!r}",
-        ),
-        (
-            params.ppo.kl_estimator in {"k1", "k3"},
-            f"ppo.kl_estimator must be k1 or k3, got {params.ppo.kl_estimator!r}",
-        ),
-        (
-            params.ppo.value_init in {"reward", "zero"},
-            f"ppo.value_init must be reward or zero, got {params.ppo.value_init!r}",
-        ),
-        (
-            params.sample_pairs.samples_per_prompt >= 2,
-            f"sample_pairs.samples_per_prompt must be at least 2, got {params.sample_pairs.samples_per_prompt}",
-        ),
-        (
-            params.label.annotator != "dataset" or bool(params.label.dataset),
-            "label.dataset is required when label.annotator is dataset",
-        ),
-        (
-            model.n_head <= 0 or model.n_embd % model.n_head == 0,
-            f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})",
-        ),
-    ]
-    problems = [problem for ok, problem in checks if not ok] + idle_key_problems(params) + range_problems(params)
-    if problems:
-        raise ConfigError(
-            f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else "")
-        )
-    try:  # every process's share of the rollout batch must split into minibatches and micro-batches exactly
-        params.ppo.derived(params.ppo.num_processes)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {str(error).removeprefix('params.yaml: ')}") from None
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -32,8 +32,8 @@ def resume_training(
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
 ) -> tuple[int, dict]:
-    """Where a loop starts: step 0 and {} when fresh, else the checkpoint's step and state, with the model, the optimiser
-    and ``generators`` (and the global RNGs) restored from it."""
+    """Where a loop starts: step 0 and {} when fresh, else the checkpoint's step and state, with the model, the
+    optimiser and ``generators`` (and the global RNGs) restored from it."""
     resumed = checkpointer.resume() if checkpointer else None
     if resumed is None:
         return 0, {}
@@ -123,7 +123,10 @@ def train_sft(
     eval_examples = sft_examples(tokenizer, eval_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    hint = f"lower sft.learning_rate (now {config.learning_rate}) or sft.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
+    hint = (
+        f"lower sft.learning_rate (now {config.learning_rate}) or sft.max_grad_norm (now {config.max_grad_norm}) "
+        "in params.yaml"
+    )
     model.train()
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     first_step, state = resume_training(checkpointer, model, optimizer, {"batches": generator})
@@ -228,7 +231,10 @@ def train_reward_model(
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, len(train_rows) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    hint = f"lower reward.learning_rate (now {config.learning_rate}) or reward.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
+    hint = (
+        f"lower reward.learning_rate (now {config.learning_rate}) or reward.max_grad_norm (now {config.max_grad_norm}) "
+        "in params.yaml"
+    )
     start = time.perf_counter()
     model.train()
     first_step, state = resume_training(checkpointer, model, optimizer, {"order": generator})

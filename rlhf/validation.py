@@ -66,7 +66,10 @@ def fix_hint(message: str) -> str:
     if producer is not None:
         path, stage = producer
         kind = "folder" if path.startswith("models/") else "file"
-        return f"Fix: {path} is written by the `{stage}` stage: rebuild the {kind} with `dvc repro {stage}` (or repair it by hand)."
+        return (
+            f"Fix: {path} is written by the `{stage}` stage: rebuild the {kind} with `dvc repro {stage}` "
+            "(or repair it by hand)."
+        )
     return "Fix: correct the input named above, or point params.yaml at a valid one."
 
 
@@ -145,7 +148,8 @@ def check_tokenizer_fits_model(tokenizer: Any, folder: str | Path) -> None:
     if len(tokenizer) > rows:
         raise DataError(
             f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows "
-            f"(config.json vocab_size): ids ≥ {rows} would crash or read garbage, so this tokenizer does not belong to this model"
+            f"(config.json vocab_size): ids ≥ {rows} would crash or read garbage, "
+            "so this tokenizer does not belong to this model"
         )
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         token_id = getattr(tokenizer, name, None)
@@ -162,11 +166,15 @@ def check_same_tokenizer(reference: Any, reference_folder: str | Path, other: An
     elif reference.get_vocab() != other.get_vocab():
         problem = "same size, different vocabulary"
     elif (reference.eos_token_id, reference.pad_token_id) != (other.eos_token_id, other.pad_token_id):
-        problem = f"EOS/pad ids {other.eos_token_id}/{other.pad_token_id} vs {reference.eos_token_id}/{reference.pad_token_id}"
+        problem = (
+            f"EOS/pad ids {other.eos_token_id}/{other.pad_token_id} "
+            f"vs {reference.eos_token_id}/{reference.pad_token_id}"
+        )
     else:
         return
     raise DataError(
-        f"{other_folder}: its tokenizer differs from the one in {reference_folder} ({problem}); both models must share one tokenizer"
+        f"{other_folder}: its tokenizer differs from the one in {reference_folder} ({problem}); "
+        "both models must share one tokenizer"
     )
 
 
@@ -187,7 +195,7 @@ def load_judge(spec: str, key: str) -> Callable:
 def finite_scores(
     score: Callable[[str, str], Any], samples: Sequence[Row], source: str, what: str
 ) -> Callable[[str, str], float]:
-    """Score every distinct (prompt, response) of ``samples`` once, up front, refusing a non-numeric or non-finite score.
+    """Score each distinct (prompt, response) of ``samples`` once, up front, refusing a non-numeric or non-finite score.
 
     The refusal names the row of ``source`` and the response. Returns a lookup with ``score``'s signature that
     answers from the scores computed here (the same values, in the same first-call order), so labelling can use it
@@ -207,8 +215,9 @@ def finite_scores(
             if value is None or not math.isfinite(value):
                 got = f"{raw!r}" if value is not None else f"a {type(raw).__name__} ({raw!r}), not a number"
                 raise DataError(
-                    f"{source}: row {index}: {what} returned {got} for responses[{position}] {response[:60]!r}; a non-finite "
-                    f"score would turn into garbage labels. Fix: make it return a finite number for every (prompt, response)"
+                    f"{source}: row {index}: {what} returned {got} for responses[{position}] {response[:60]!r}; "
+                    "a non-finite score would turn into garbage labels. "
+                    "Fix: make it return a finite number for every (prompt, response)"
                 )
             scores[key] = value
     return lambda prompt, response: scores[(prompt, response)]

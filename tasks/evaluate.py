@@ -19,21 +19,12 @@ import sys
 from pathlib import Path
 
 from rlhf import data
-from rlhf.config import load_params
 from rlhf.evaluation import checkpoint_summary, compare_policies, sample_and_score, samples_table
 from rlhf.files import read_csv, write_csv, write_json, write_text
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
+from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
-from tasks.stage_io import emit, refuse_bad_input
-
-POLICY, SFT_MODEL, REWARD_MODEL = Path("models/policy"), Path("models/sft"), Path("models/reward")
-PROMPTS, METRICS, TABLE = Path("data/prompts/eval.jsonl"), Path("metrics/evaluate.json"), Path("metrics/samples.md")
-CHECKPOINTS, PPO_HISTORY = Path("models/policy_checkpoints"), Path("plots/ppo.csv")
-CURVE, CURVE_PNG, TRAINING_PNG = (
-    Path("plots/overoptimization.csv"),
-    Path("plots/overoptimization.png"),
-    Path("plots/ppo_training.png"),
-)
+from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
@@ -58,25 +49,12 @@ def render_plots(curve: list[dict], args: argparse.Namespace) -> None:
     plot_overoptimization([{k: str(v) for k, v in row.items()} for row in curve], args.curve_png)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate", description="Stage evaluate: PPO vs SFT policy.")
-    parser.add_argument("--policy", type=Path, default=POLICY, help="PPO policy folder")
-    parser.add_argument("--snapshots", type=Path, default=CHECKPOINTS, help="PPO policy snapshots folder (step-N)")
-    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder (baseline and KL reference)")
-    parser.add_argument("--reward", type=Path, default=REWARD_MODEL, help="reward model folder (proxy scores)")
-    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="held-out prompts (JSONL)")
-    parser.add_argument("--history", type=Path, default=PPO_HISTORY, help="PPO per-iteration CSV (training plot)")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    parser.add_argument("--samples", type=Path, default=TABLE, help="sample table (Markdown) written")
-    parser.add_argument("--curve", type=Path, default=CURVE, help="over-optimisation CSV written")
-    parser.add_argument("--curve-png", type=Path, default=CURVE_PNG, help="over-optimisation plot written")
-    parser.add_argument("--training-png", type=Path, default=TRAINING_PNG, help="PPO training plot written")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(
+        argv,
+        "python -m tasks.evaluate",
+        "policy snapshots sft reward prompts history metrics samples curve curve_png training_png",
+    )
     with refuse_bad_input():  # cheap checks only: params, prompts, model folders, tokenizers, the judges' imports
         params = load_params()
         config = params.evaluate

@@ -13,19 +13,16 @@ The split into train/eval is by prompt, so no prompt's pairs sit on both sides.
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
 from rlhf import annotators, data, importers
-from rlhf.config import LabelConfig, load_params
+from rlhf.config import LabelConfig
 from rlhf.data import DataError
 from rlhf.files import write_json, write_jsonl
+from rlhf.params import load_params
 from rlhf.validation import finite_scores, load_judge, read_records
-from tasks.stage_io import emit, refuse_bad_input
-
-PAIRS, OUT_DIR = Path("data/pairs"), Path("data/preferences")
-METRICS = Path("metrics/label.json")
+from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
 
 def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -66,20 +63,8 @@ def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
     return records, {"n_pairs": len(records), "n_annotators": len({r.get("annotator") for r in records})}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths).
-
-    The human labels file is a param (``label.labels_file``, under data/human_labels/): the labelling flow writes it.
-    """
-    parser = argparse.ArgumentParser(prog="python -m tasks.label", description="Stage label: preference labels.")
-    parser.add_argument("--pairs", type=Path, default=PAIRS, help="sampled pairs folder: samples.jsonl (simulated)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder written: train.jsonl and eval.jsonl")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "python -m tasks.label", "pairs out metrics")
     with refuse_bad_input():  # labelling is cheap: all of it runs before anything is written
         params = load_params()
         config = params.label
@@ -93,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         train, held_out = split_by_prompt(records, config.eval_fraction, params.stage_seed("label.split"))
         if not train or not held_out:
             raise DataError(
-                f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train and eval. "
-                "Fix: provide more pairs (or change label.eval_fraction in params.yaml)"
+                f"{config.annotator} annotator: {len(records)} preference pairs are too few to split into train "
+                "and eval. Fix: provide more pairs (or change label.eval_fraction in params.yaml)"
             )
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "eval.jsonl", held_out)

@@ -19,17 +19,16 @@ so those of iterations before a kill survive it. NaN/inf in training stops the s
 
 from __future__ import annotations
 
-import argparse
 import resource
-from pathlib import Path
 
 import torch
 
 from rlhf import data
-from rlhf.config import ConfigError, load_params
+from rlhf.config import ConfigError
 from rlhf.files import replace_folder, staging_folder, write_csv, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
+from rlhf.params import load_params
 from rlhf.ppo_trainer.loop import train_ppo
 from rlhf.ppo_trainer.models import load_ppo_models
 from rlhf.ppo_trainer.optimise import prepare_training
@@ -41,15 +40,13 @@ from tasks.stage_io import (
     EXIT_DIVERGED,
     emit,
     fail,
+    parse_paths,
     progress_logger,
     refuse_bad_input,
     release_free_heap,
     tune_malloc_for_training,
 )
 
-SFT_MODEL, REWARD_MODEL, PROMPTS = Path("models/sft"), Path("models/reward"), Path("data/prompts/train.jsonl")
-OUT_DIR, METRICS, HISTORY = Path("models/policy"), Path("metrics/ppo.json"), Path("plots/ppo.csv")
-CHECKPOINTS = Path("models/policy_checkpoints")
 SUMMARY_KEYS = (
     "objective/kl",
     "objective/scores",
@@ -68,21 +65,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them after ``-m tasks.ppo``; the defaults are the same)."""
-    parser = argparse.ArgumentParser(prog="accelerate launch ... -m tasks.ppo", description="Stage ppo.")
-    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder: initial policy and reference")
-    parser.add_argument("--reward", type=Path, default=REWARD_MODEL, help="reward model folder (the critic's start)")
-    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="training prompts (JSONL)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="policy folder written")
-    parser.add_argument("--snapshots", type=Path, default=CHECKPOINTS, help="folder written: policy snapshots step-N")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    parser.add_argument("--history", type=Path, default=HISTORY, help="per-iteration CSV written (DVC plot)")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "accelerate launch … -m tasks.ppo", "sft reward prompts out snapshots metrics history")
     with refuse_bad_input():  # cheap checks only (params, prompts, model folders, tokenizers), before any model loads
         params = load_params()
         config = params.ppo
@@ -122,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             policy_parameters=count_parameters(models.policy),
             trainable_parameters=trainable,
         )
-    # resume checkpoints outside DVC's outs, valid only for these params, seed, inputs and launch (rlhf/ppo_trainer/resume.py)
+    # resume checkpoints outside DVC's outs, valid only for these params, seed, inputs and launch
+    # (rlhf/ppo_trainer/resume.py)
     resume = stage_checkpoints(
         config,
         seed,

@@ -9,20 +9,14 @@ Real sources: `prepare.base_model` / `prepare.dataset` name a Hub id or a local 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from transformers import AutoModelForCausalLM
 
 from rlhf import data, embedded, importers
-from rlhf.config import load_params
 from rlhf.files import replace_folder, staging_folder, write_json, write_jsonl
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
+from rlhf.params import load_params
 from rlhf.validation import check_tokenizer_fits_model
-from tasks.stage_io import emit, refuse_bad_input
-
-SFT_DIR, PROMPTS_DIR, BASE_DIR = Path("data/sft"), Path("data/prompts"), Path("models/base")
-METRICS = Path("metrics/prepare.json")
+from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
 
 def load_real_dataset(
@@ -41,18 +35,8 @@ def load_real_dataset(
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's output paths (dvc.yaml passes them; the defaults are the same paths). Sources are params."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.prepare", description="Stage prepare: data, base model.")
-    parser.add_argument("--sft-data", type=Path, default=SFT_DIR, help="demonstrations written: train/eval.jsonl")
-    parser.add_argument("--prompts", type=Path, default=PROMPTS_DIR, help="prompts written: train/eval.jsonl")
-    parser.add_argument("--base", type=Path, default=BASE_DIR, help="base model folder written (weights and tokenizer)")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "python -m tasks.prepare", "sft_data prompts base metrics")
     with refuse_bad_input():  # params, tokenizer and text data are checked before any model is built or loaded
         params = load_params()
         config, seed = params.prepare, params.stage_seed("prepare")

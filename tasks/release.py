@@ -8,20 +8,17 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
-from pathlib import Path
 
 from pipeline.lineage import LOCK_FILE, git_commit, stage_lineage
 from pipeline.workspace import upstream_of
 from rlhf.card import build_model_card
-from rlhf.config import as_dict, load_params
+from rlhf.config import as_dict
 from rlhf.files import read_csv, replace_folder, staging_folder
+from rlhf.params import load_params
 from rlhf.validation import check_model_dir, read_json_object
-from tasks.stage_io import emit, refuse_bad_input
+from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
-POLICY, OUT_DIR = Path("models/policy"), Path("models/release")
-PLOTS = (Path("plots/ppo_training.png"), Path("plots/overoptimization.png"))  # copied next to the card
 RELEASE_FILES = (
     "model.safetensors",
     "config.json",
@@ -34,26 +31,10 @@ RELEASE_FILES = (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.release", description="Stage release: Hub-ready folder.")
-    parser.add_argument("--policy", type=Path, default=POLICY, help="PPO policy folder released")
-    for name in ("evaluate", "reward", "ppo"):
-        parser.add_argument(
-            f"--{name}-metrics",
-            type=Path,
-            default=Path(f"metrics/{name}.json"),
-            help=f"{name} metrics quoted in the card",
-        )
-    parser.add_argument("--samples", type=Path, default=Path("metrics/samples.md"), help="sample table for the card")
-    parser.add_argument("--curve", type=Path, default=Path("plots/overoptimization.csv"), help="curve CSV for the card")
-    parser.add_argument("--plots", type=Path, nargs="*", default=list(PLOTS), help="PNG plots copied next to the card")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="release folder written")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(
+        argv, "python -m tasks.release", "policy evaluate_metrics reward_metrics ppo_metrics samples curve plots+ out"
+    )
     with refuse_bad_input():  # before the staging folder: params, the policy folder, the metrics the card quotes
         params = load_params()
         check_model_dir(args.policy)

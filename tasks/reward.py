@@ -6,23 +6,18 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints, config_part
-from rlhf.config import load_params
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
+from rlhf.params import load_params
 from rlhf.training import raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
+from tasks.stage_io import EXIT_DIVERGED, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
-SFT_MODEL, PREFS, PAIRS = Path("models/sft"), Path("data/preferences"), Path("data/pairs")
-OUT_DIR = Path("models/reward")
-METRICS = Path("metrics/reward.json")
 N_NORMALIZATION_SAMPLES = 2048
 
 
@@ -34,19 +29,8 @@ def annotator_agreement(rows: list[dict]) -> float | None:
     return statistics.fmean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.reward", description="Stage reward: the reward model.")
-    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder the reward model starts from")
-    parser.add_argument("--preferences", type=Path, default=PREFS, help="preferences folder: train.jsonl, eval.jsonl")
-    parser.add_argument("--pairs", type=Path, default=PAIRS, help="sampled pairs folder (samples.jsonl: the scale)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="reward model folder written")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "python -m tasks.reward", "sft preferences pairs out metrics")
     samples_file = args.pairs / "samples.jsonl"
     with refuse_bad_input():  # cheap checks only: params, preference pairs, the SFT folder and its tokenizer
         params = load_params()

@@ -6,35 +6,19 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from rlhf import data, ppo
-from rlhf.config import load_params
 from rlhf.files import write_json, write_jsonl
 from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
+from rlhf.params import load_params
 from rlhf.sampling import sample
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import emit, refuse_bad_input
-
-SFT_MODEL, PROMPTS, OUT = Path("models/sft"), Path("data/prompts/train.jsonl"), Path("data/pairs")
-METRICS = Path("metrics/sample_pairs.json")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.sample_pairs", description="Stage sample_pairs.")
-    parser.add_argument("--sft", type=Path, default=SFT_MODEL, help="SFT model folder sampled from")
-    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="training prompts (JSONL)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder written: samples.jsonl")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    return parser.parse_args(argv)
+from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "python -m tasks.sample_pairs", "sft prompts out metrics")
     with refuse_bad_input():  # cheap checks only: params, prompts, the SFT folder and its tokenizer
         params = load_params()
         config = params.sample_pairs

@@ -5,35 +5,19 @@ python -m tasks.sft --base models/base --data data/sft --out models/sft --metric
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints, config_part
-from rlhf.config import load_params
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
+from rlhf.params import load_params
 from rlhf.training import train_sft
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input
-
-BASE_DIR, SFT_DIR, OUT_DIR = Path("models/base"), Path("data/sft"), Path("models/sft")
-METRICS = Path("metrics/sft.json")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The stage's input and output paths (dvc.yaml passes them; the defaults are the same paths)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.sft", description="Stage sft: supervised fine-tuning.")
-    parser.add_argument("--base", type=Path, default=BASE_DIR, help="base model folder (from prepare)")
-    parser.add_argument("--data", type=Path, default=SFT_DIR, help="demonstrations folder: train.jsonl, eval.jsonl")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="SFT model folder written")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help="metrics JSON written")
-    return parser.parse_args(argv)
+from tasks.stage_io import EXIT_DIVERGED, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_paths(argv, "python -m tasks.sft", "base data out metrics")
     with refuse_bad_input():  # cheap checks only: params, demonstrations, the base folder and its tokenizer
         params = load_params()
         train_rows = read_records(args.data / "train.jsonl", data.validate_demonstrations)

@@ -7,11 +7,13 @@ flow) can turn them into progress bars and tables while the stage runs; everythi
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rlhf.validation import with_fix
@@ -19,6 +21,23 @@ from rlhf.validation import with_fix
 PROGRESS_PREFIX = "@rlhf "  # marks a machine-readable progress line
 EXIT_BAD_INPUT = 2  # refused before any expensive work: a rerun fails the same way
 EXIT_DIVERGED = 3  # NaN/inf in training (rlhf.guards.NonFiniteError): the last good checkpoint is kept
+
+
+def parse_paths(argv: list[str] | None, program: str, names: str) -> argparse.Namespace:
+    """The stage's input and output paths, each ``--name PATH`` (``name+``: one or more paths), all required.
+
+    Paths are written once, in dvc.yaml's ``cmd``, and reach the program as arguments (as in DVC's
+    example-get-started), so DVC's deps and outs and what the program reads and writes cannot drift apart.
+    e.g. ``parse_paths(argv, "python -m tasks.sft", "base data out metrics")``; ``--sft_data`` is ``--sft-data``.
+    """
+    parser = argparse.ArgumentParser(prog=program, description="Paths as dvc.yaml passes them (its `cmd`).")
+    for name in names.split():
+        many = name.endswith("+")
+        name = name.rstrip("+")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, nargs="+" if many else None
+        )
+    return parser.parse_args(argv)
 
 
 def emit(stage: str, event: str, **fields: object) -> None:

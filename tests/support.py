@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,11 +37,31 @@ def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_stage(module_name: str) -> None:
-    """Run a stage program's main() in this process (cwd is the workspace), with its default paths."""
+def stage_command(stage: str, workspace: Path | None = None) -> list[str]:
+    """The stage's command as dvc.yaml writes it (paths included), ``${section.key}`` filled from the workspace's
+    params.yaml (default: the repository's); ``python`` is this interpreter."""
+    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    params = yaml.safe_load(((workspace or REPO) / "params.yaml").read_text())
+
+    def value(match: re.Match) -> str:
+        section, key = match.group(1).split(".", 1)
+        return str(params[section][key])
+
+    words = shlex.split(re.sub(r"\$\{([\w.]+)\}", value, command))
+    return [sys.executable, *words[1:]] if words[0] == "python" else words
+
+
+def stage_arguments(stage: str) -> list[str]:
+    """The arguments dvc.yaml passes to the stage's program (its paths): everything after ``-m tasks.<stage>``."""
+    words = stage_command(stage)
+    return words[words.index(f"tasks.{stage}") + 1 :]
+
+
+def run_stage(stage: str) -> None:
+    """Run a stage program's main() in this process (cwd is the workspace), with the paths dvc.yaml passes."""
     import importlib
 
-    importlib.import_module(f"tasks.{module_name}").main([])  # [], not pytest's own command line
+    importlib.import_module(f"tasks.{stage}").main(stage_arguments(stage))
 
 
 def git_env() -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.config import load_params
+from rlhf.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("rlhf", "tasks", "pipeline", "flows")
@@ -126,7 +126,8 @@ def test_every_module_a_stage_imports_is_a_dep(stage: str) -> None:
     deps = [dep for dep in STAGES[stage]["deps"] if "${" not in dep]
     missing = sorted(path for path in stage_files(stage) if not covered(path, deps))
     assert missing == [], f"dvc.yaml: stage {stage} imports these project files but does not depend on them"
-    assert covered("rlhf/config.py", deps), f"dvc.yaml: stage {stage} must depend on rlhf/config.py (reads params)"
+    for module in ("rlhf/config.py", "rlhf/params.py"):
+        assert covered(module, deps), f"dvc.yaml: stage {stage} must depend on {module} (reads params)"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from rlhf.config import Params, load_params
+from rlhf.config import Params
+from rlhf.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,8 @@ class NonFiniteIteration(NonFiniteError):
 
 def divergence_hint(config: PPOConfig) -> str:
     return (
-        f"lower ppo.learning_rate (now {config.learning_rate}) or ppo.max_grad_norm (now {config.max_grad_norm}) in params.yaml"
-        + ('; or set ppo.mixed_precision: "no"' if config.mixed_precision != "no" else "")
+        f"lower ppo.learning_rate (now {config.learning_rate}) or ppo.max_grad_norm (now {config.max_grad_norm}) "
+        "in params.yaml" + ('; or set ppo.mixed_precision: "no"' if config.mixed_precision != "no" else "")
     )
 
 
@@ -40,7 +40,10 @@ def check_rollout(batch: Experience, iteration: int, config: PPOConfig) -> None:
     token = lambda tensor: tensor.masked_select(mask)  # noqa: E731 - padding may hold anything
     scores = first_non_finite(scores=batch.scores)
     if scores:
-        hint = "the reward model (models/reward) scored a response NaN/inf: check models/reward/reward_normalization.json and rerun the reward stage"
+        hint = (
+            "the reward model (models/reward) scored a response NaN/inf: "
+            "check models/reward/reward_normalization.json and rerun the reward stage"
+        )
         raise NonFiniteIteration(iteration, *scores, hint, "before the optimiser steps")
     found = first_non_finite(
         logprobs=token(batch.logprobs),

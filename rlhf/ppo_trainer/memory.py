@@ -43,9 +43,9 @@ def policy_then_critic_backward(
     """One micro-batch's forward and backward on one process: the policy's, then the critic's.
 
     The loss is a sum of a policy term and a critic term over disjoint parameters, so the gradients equal those of
-    :func:`~rlhf.ppo_trainer.losses.ppo_minibatch_loss`'s one backward; but the policy's activations (and under bf16 its bf16 weight copies)
-    are freed before the critic's forward, which lowers the peak memory of a step by about one model's share
-    (19 M bench model, bf16: see docs/performance.md). Returns the same statistics.
+    :func:`~rlhf.ppo_trainer.losses.ppo_minibatch_loss`'s one backward; but the policy's activations (and under
+    bf16 its bf16 weight copies) are freed before the critic's forward, which lowers the peak memory of a step by
+    about one model's share (19 M bench model, bf16: see docs/performance.md). Returns the same statistics.
     """
     input_ids, attention_mask = model_inputs(batch)
     start = batch.query_ids.shape[1]
@@ -78,10 +78,10 @@ class Bf16Weights:
 
     Against autocast over fp32 weights it copies as much per step (weights fp32 → bf16 once, gradients bf16 → fp32
     once, a chunk at a time in :meth:`step`) but keeps activations in bf16 end to end (no per-op casts) and never
-    holds all gradients in fp32: on the 19 M bench model peak RSS went from 1236 to 1185 MiB at the same speed
-    (within the run-to-run noise of ±10 %; bench/ppo_vs_trl.py), and to 1126 MiB with :func:`policy_then_critic_backward`
-    casting one model at a time (``part``). One process and one micro-batch per step only: DDP's buckets keep the
-    dtype they were built with, and accumulating gradients in bf16 would lose precision.
+    holds all gradients in fp32: on the 19 M bench model it lowers peak RSS at the same speed, and further with
+    :func:`policy_then_critic_backward` casting one model at a time (``part``) (bench/ppo_vs_trl.py; measured in
+    docs/performance.md). One process and one micro-batch per step only: DDP's buckets keep the dtype they were
+    built with, and accumulating gradients in bf16 would lose precision.
     """
 
     def __init__(self, module: nn.Module):
@@ -98,7 +98,7 @@ class Bf16Weights:
         )
 
     def compute(self, part: nn.Module | None = None) -> None:
-        """Before a forward: the parameters (of ``part``, default all) hold bf16 casts of the masters (which are kept)."""
+        """Before a forward: the parameters (of ``part``, default all) hold bf16 casts of the (kept) masters."""
         for parameter in self.parameters if part is None else part.parameters():
             master = self.masters.setdefault(id(parameter), parameter.data)
             parameter.data = master.to(torch.bfloat16)

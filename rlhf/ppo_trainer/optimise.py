@@ -26,7 +26,7 @@ class PreparedTraining:
 
 
 def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelerator) -> PreparedTraining:
-    """Wrap the trainable module and its optimiser for the launch profile; place (and under bf16, cast) frozen models."""
+    """Wrap the trainable module and optimiser for the launch profile; place (and under bf16, cast) frozen models."""
     trainable = trainable_module(models)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         trainable.lean = False  # FSDP gathers weights in per-block hooks that the lean forward would bypass
@@ -35,7 +35,8 @@ def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelera
     fused = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5, fused=fused or None)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # No dataloader to infer the micro-batch from (TRL's PPO sets it the same way); DeepSpeed clips gradients itself.
+        # No dataloader to infer the micro-batch from (TRL's PPO sets it the same way);
+        # DeepSpeed clips gradients itself.
         deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
         deepspeed_config["train_micro_batch_size_per_gpu"] = config.derived(accelerator.num_processes)[
             "micro_batch_size"
@@ -58,7 +59,8 @@ def prepare_training(models: PPOModels, config: PPOConfig, accelerator: Accelera
 
 
 def anneal_learning_rate(optimizer: torch.optim.Optimizer, config: PPOConfig, iteration: int) -> None:
-    """With ``ppo.anneal_lr``: the learning rate decays linearly to 0 over the iterations (a function of the iteration)."""
+    """With ``ppo.anneal_lr``: the learning rate decays linearly to 0 over the iterations
+    (a function of the iteration)."""
     if config.anneal_lr:
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * (1.0 - iteration / config.iterations)
@@ -71,7 +73,7 @@ def optimise(
     accelerator: Accelerator,
     shuffle_generator: torch.Generator,
 ) -> dict[str, list[torch.Tensor]]:
-    """Step 7: K epochs over global minibatches of ``batch`` (the gathered rollout batch); returns per-micro-batch stats.
+    """Step 7: K epochs over global minibatches of ``batch`` (gathered rollout batch); returns per-micro-batch stats.
 
     One permutation shared by all ranks cuts the global batch into minibatches, as torch's DistributedSampler
     does; rank r runs episodes r, r+N, … of each as G micro-batches, and the gradient is all-reduced on the last.

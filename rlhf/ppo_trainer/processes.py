@@ -50,7 +50,8 @@ def make_accelerator(config: PPOConfig) -> Accelerator:
     if accelerator.num_processes != config.num_processes:
         raise ConfigError(
             f"params.yaml: ppo.num_processes is {config.num_processes} but this process runs in a world of "
-            f"{accelerator.num_processes} ({accelerator.distributed_type}); check ppo.config_file {config.config_file!r}"
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); "
+            f"check ppo.config_file {config.config_file!r}"
         )
     return accelerator
 

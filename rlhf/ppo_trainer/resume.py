@@ -116,7 +116,8 @@ def save_training(
 
 def trainable_state(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """The trained tensors of the unwrapped :func:`trainable_module`, split into ``policy`` (all its weights, or only
-    the LoRA adapters) and ``value`` (critic or value head). Frozen weights are not saved: they are the stage's inputs."""
+    the LoRA adapters) and ``value`` (critic or value head). Frozen weights are not saved: they are the stage's
+    inputs."""
     state: dict[str, dict[str, torch.Tensor]] = {"policy": {}, "value": {}}
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
@@ -141,5 +142,8 @@ def unsupported_resume(accelerator: Accelerator) -> str | None:
     """Why resume checkpoints cannot be taken in this launch, or None: FSDP and DeepSpeed shard the optimiser state
     (FSDP the weights too) over processes, which this main-process format does not gather."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return f"resume checkpoints are not supported under {accelerator.distributed_type.value} (sharded state); a rerun starts from iteration 0"
+        return (
+            f"resume checkpoints are not supported under {accelerator.distributed_type.value} (sharded state); "
+            "a rerun starts from iteration 0"
+        )
     return None

@@ -80,7 +80,7 @@ class PolicySnapshots:
         self.written.append(step)
 
     def missing(self, written: list[int]) -> str | None:
-        """Why a resume checkpoint that recorded ``written`` cannot be used (a snapshot it relies on is gone), or None."""
+        """Why a resume checkpoint that recorded ``written`` cannot be used (a snapshot it needs is gone), or None."""
         gone = [step for step in written if not (self.folder / f"step-{step}" / "config.json").is_file()]
         return f"the policy snapshots {gone} it recorded are missing from {self.folder}" if gone else None
 
@@ -93,8 +93,9 @@ class PolicySnapshots:
                     shutil.rmtree(path)
 
     def resume_with(self, checkpoints: ResumeCheckpoints, accelerator: Accelerator) -> None:
-        """Every process, before training: open the resume ``checkpoints`` (one whose snapshots are gone is discarded),
-        cut the folder back to the snapshots of the checkpoint resumed, and record :attr:`written` in every later one."""
+        """Every process, before training: open the resume ``checkpoints`` (one whose snapshots are gone is
+        discarded), cut the folder back to the snapshots of the checkpoint resumed, and record :attr:`written` in
+        every later one."""
         extras = open_checkpoints(
             checkpoints, accelerator, validate=lambda extras: self.missing(extras.get("policy_snapshots", []))
         )

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -37,7 +36,7 @@ from prefect.client.schemas.objects import FlowRun, StateType  # noqa: E402
 from prefect.flow_runs import resume_flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from support import REPO  # noqa: E402
+from support import REPO, stage_command  # noqa: E402
 
 from flows.labeling import append_labels, collect_human_labels, pending_pairs, records_from_answers  # noqa: E402
 
@@ -145,7 +144,7 @@ def without_time(rows: list[dict]) -> list[dict]:
 @task
 def run_label_stage(repo_dir: str) -> dict:
     """The DVC `label` stage's program, as `dvc repro` would run it (cwd = the repository)."""
-    subprocess.run([sys.executable, "-m", "tasks.label"], cwd=repo_dir, check=True, capture_output=True, timeout=120)
+    subprocess.run(stage_command("label"), cwd=repo_dir, check=True, capture_output=True, timeout=120)
     return json.loads(Path(repo_dir, "metrics/label.json").read_text())
 
 

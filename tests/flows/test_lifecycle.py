@@ -118,7 +118,8 @@ def test_retrain_skips_without_changes_and_records_the_decision(first_run, repo:
     params["ppo"]["learning_rate"] = 0.0002
     write_params(repo, params)
     decision = retrain(repo_dir=str(repo), margin=0.0)
-    assert decision["ran"] and decision["changed_stages"] == ["ppo"]  # DVC names the stage whose inputs changed
+    # DVC names the stages whose own inputs changed: ppo, and release (its model card lists all of params.yaml)
+    assert decision["ran"] and decision["changed_stages"] == ["ppo", "release"]
     assert decision["promoted"] and (repo / ".rlhf/promoted/release/model.safetensors").exists()
     # an impossible margin: the gate refuses and the promoted model stays
     params["ppo"]["learning_rate"] = 0.0003

@@ -16,17 +16,15 @@ import hashlib
 import json
 import math
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, git_env, write_params
+from support import REPO, git_env, stage_command, write_params
 
 from pipeline.workspace import stage_names
 from rlhf import data
@@ -50,19 +48,6 @@ def workspace_inventory(root: Path) -> dict[str, str]:
         relative = str(path.relative_to(root))
         inventory[relative] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return inventory
-
-
-def stage_command(stage: str, workspace: Path) -> list[str]:
-    """The stage's command as dvc.yaml writes it, ``${section.key}`` filled from the workspace's params.yaml."""
-    command = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-
-    def value(match: re.Match) -> str:
-        section, key = match.group(1).split(".", 1)
-        return str(params[section][key])
-
-    words = shlex.split(re.sub(r"\$\{([\w.]+)\}", value, command))
-    return [sys.executable, *words[1:]] if words[0] == "python" else words
 
 
 def run_stage_process(stage: str, workspace: Path) -> subprocess.CompletedProcess:
@@ -300,7 +285,8 @@ CASES = [
         "label",
         nan_gold,
         (
-            f"data/pairs/samples.jsonl: row {NAN_ROW}: label.gold 'bad_gold:judge' returned nan for responses[{NAN_RESPONSE}]",
+            f"data/pairs/samples.jsonl: row {NAN_ROW}: label.gold 'bad_gold:judge' returned nan "
+            f"for responses[{NAN_RESPONSE}]",
             "Fix: make it return a finite number",
         ),
     ),
@@ -368,7 +354,8 @@ def test_invalid_params_are_refused_naming_the_key_and_the_fix(
 ) -> None:
     from support import tiny_params
 
-    from rlhf.config import ConfigError, load_params
+    from rlhf.config import ConfigError
+    from rlhf.params import load_params
     from rlhf.validation import with_fix
 
     params = tiny_params()
@@ -403,7 +390,10 @@ def test_a_custom_score_must_be_a_finite_number() -> None:
     ):
         with pytest.raises(
             DataError,
-            match=rf"^samples\.jsonl: row 1: label\.gold 'm:judge' returned {re.escape(shown)}.* for responses\[1\] 'd'",
+            match=(
+                rf"^samples\.jsonl: row 1: label\.gold 'm:judge' returned {re.escape(shown)}.* "
+                r"for responses\[1\] 'd'"
+            ),
         ):
             finite_scores(
                 lambda prompt, response, bad=bad: bad if response == "d" else 0.0,

@@ -417,7 +417,8 @@ class Crash(BaseException):
     "options", [{"lora_rank": 4, "lora_alpha": 8}, {"value_model": "head"}], ids=["lora", "value-head"]
 )
 def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path, tmp_path: Path, options: dict) -> None:
-    """The trained tensors saved are the LoRA adapters (+ critic) or the policy + value head; a resume continues exactly."""
+    """The trained tensors saved are the LoRA adapters (+ critic) or the policy + value head;
+    a resume continues exactly."""
     from accelerate import Accelerator
 
     from rlhf.checkpoint import ResumeCheckpoints

@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import REPO, run_stage, tiny_params, write_params
+from support import REPO, run_stage, stage_command, tiny_params, write_params
 
 import rlhf.checkpoint
 import rlhf.training
@@ -76,7 +75,7 @@ def stage_env() -> dict[str, str]:
 
 def run_sft(workspace: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.sft"], cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
+        stage_command("sft"), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -85,7 +84,7 @@ def run_sft(workspace: Path) -> subprocess.CompletedProcess:
 def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tuple[int, str]:
     """Start the stage, SIGKILL it ``delay`` s after its first checkpoint line; returns (exit status, stdout)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.sft"],
+        stage_command("sft"),
         cwd=workspace,
         env=stage_env(),
         stdout=subprocess.PIPE,

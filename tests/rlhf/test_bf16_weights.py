@@ -138,7 +138,8 @@ def test_bf16_weights_update_is_as_close_to_fp32_as_autocasts(tmp_path, fresh_ac
     autocast = policy_update(tmp_path / "c", "bf16", False)
     cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
     print(
-        f"cosine to fp32: bf16 weights {cosine(bf16, fp32):.5f}, autocast {cosine(autocast, fp32):.5f}; bf16 vs autocast {cosine(bf16, autocast):.5f}"
+        f"cosine to fp32: bf16 weights {cosine(bf16, fp32):.5f}, autocast {cosine(autocast, fp32):.5f}; "
+        f"bf16 vs autocast {cosine(bf16, autocast):.5f}"
     )
     assert fp32.norm() > 1e-3
     assert cosine(bf16, fp32) > 0.99 and cosine(bf16, fp32) > cosine(autocast, fp32) - 0.005

@@ -49,7 +49,8 @@ def card_for(tmp_path: Path) -> ModelCard:
 def test_card_model_index_quotes_the_evaluation_metrics(tmp_path: Path) -> None:
     card = card_for(tmp_path)
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    # every numeric metric of the model-index list present in evaluate.json, value for value; booleans and counts left out
+    # every numeric metric of the model-index list present in evaluate.json, value for value;
+    # booleans and counts left out
     assert results == {
         k: EVALUATION[k]
         for k in (

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import RENAMED_KEYS, STAGE_SEED_OFFSETS, ConfigError, Params, PPOConfig, load_params
+from rlhf.config import STAGE_SEED_OFFSETS, ConfigError, Params, PPOConfig
+from rlhf.params import RENAMED_KEYS, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,8 +134,8 @@ IDLE = [
     ),
     (
         "label: {annotator: human, gold: 'my.judge:score'}",
-        "label.gold = 'my.judge:score' has no effect: label.annotator is 'human' (it applies to the simulated annotator "
-        "only); set it back to 'rlhf.embedded:gold_score' or set label.annotator: simulated",
+        "label.gold = 'my.judge:score' has no effect: label.annotator is 'human' (it applies to the simulated "
+        "annotator only); set it back to 'rlhf.embedded:gold_score' or set label.annotator: simulated",
     ),
     (
         "label: {annotator: dataset, dataset: org/prefs, temperature: 0.5}",
@@ -155,7 +156,8 @@ IDLE = [
     ),
     (
         "ppo: {lora_alpha: 16}",
-        "ppo.lora_alpha = 16 has no effect: ppo.lora_rank is 0 (LoRA is off); set it back to 32 or set ppo.lora_rank > 0",
+        "ppo.lora_alpha = 16 has no effect: ppo.lora_rank is 0 (LoRA is off); "
+        "set it back to 32 or set ppo.lora_rank > 0",
     ),
     ("ppo: {lora_target_modules: c_attn}", "ppo.lora_target_modules = 'c_attn' has no effect: ppo.lora_rank is 0"),
     (
@@ -183,7 +185,8 @@ def test_a_key_its_stage_would_ignore_is_refused(tmp_path: Path, text: str, mess
 @pytest.mark.parametrize(
     "text",
     [
-        "prepare: {dataset: org/demos, eval_fraction: 0.2, max_rows: 100, prompts_dataset: org/prompts}",  # real dataset
+        # a real dataset
+        "prepare: {dataset: org/demos, eval_fraction: 0.2, max_rows: 100, prompts_dataset: org/prompts}",
         "prepare: {base_model: gpt2}",  # the embedded-only keys at their defaults (as params.yaml lists them) are fine
         "label: {annotator: dataset, dataset: org/prefs, max_rows: 5}",
         "label: {annotator: human, labels_file: ./data/human_labels/batch2.jsonl}",

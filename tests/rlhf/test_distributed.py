@@ -105,7 +105,8 @@ def build_workdir(folder: Path) -> Path:
     tokenizer = embedded.train_tokenizer([embedded.sample_review(rng) for _ in range(200)])
     policy = build_tiny_gpt2(TinyModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), tokenizer, seed=0)
     # Make EOS likely (the untrained model almost never ends): responses then differ in length, so the token
-    # weighting of the loss across processes matters. Shifting ln_f's bias along EOS's (tied) embedding raises its logit.
+    # weighting of the loss across processes matters. Shifting ln_f's bias along EOS's (tied) embedding raises
+    # its logit.
     eos_direction = policy.transformer.wte.weight[tokenizer.eos_token_id].detach()
     with torch.no_grad():
         policy.transformer.ln_f.bias += 40.0 * eos_direction / eos_direction.norm()
@@ -119,7 +120,8 @@ def build_workdir(folder: Path) -> Path:
 
 
 def launch(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> list[dict]:
-    """`accelerate launch` this file's worker (``overrides``: PPOConfig fields over CONFIG); returns each rank's result."""
+    """`accelerate launch` this file's worker (``overrides``: PPOConfig fields over CONFIG);
+    returns each rank's result."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the profile alone must select the CPU
     command = [
