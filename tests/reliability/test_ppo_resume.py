@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import REPO, git_env, make_tiny_repo, run_stage, write_params
+from support import REPO, git_env, make_tiny_repo, run_stage, stage_arguments, write_params
 
 import rlhf.ppo_trainer.experience
 from rlhf.files import path_digest
@@ -99,6 +99,7 @@ def launch(processes: int = 1) -> list[str]:
         "no",
         "-m",
         "tasks.ppo",
+        *stage_arguments("ppo"),
     ]
 
 
