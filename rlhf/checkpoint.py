@@ -363,6 +363,12 @@ class ResumeCheckpoints:
     opened: bool = field(default=False, init=False)
 
     @classmethod
+    def for_config(cls, stage: str, config: Any, seed: int, *inputs: Path, **options: Any) -> ResumeCheckpoints:
+        """A one-process training stage's checkpoints: saved every ``config.resume_every`` steps, valid only for the
+        same ``config`` (how often to save aside), ``seed`` and ``inputs`` (content hashes)."""
+        return cls.for_stage(stage, config.resume_every, config_part(config), seed, *inputs, **options)
+
+    @classmethod
     def for_stage(cls, stage: str, every: int, *parts: Any, **options: Any) -> ResumeCheckpoints:
         """The checkpoints of ``stage`` in :data:`CHECKPOINT_ROOT`, fingerprinted by ``parts``
         (see :func:`fingerprint`); ``options``: the other fields (notify, processes, noun, unit …)."""

@@ -23,6 +23,7 @@ Shapes: b = rows, q = prompt length (left-padded), t = response length, v = voca
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf import lean_gpt2
 
-# Below this width, decoding on the CPU stays in fp32 under bf16 autocast: one-token steps multiply (b, d) by (d, 3d)
-# matrices, where oneDNN's bf16 GEMM costs more per call than MKL's fp32 (b=8, d=128: 25 µs against 15 µs), while
-# from d = 512 on the bf16 weights' halved memory traffic wins (140 against 276 µs). Measured here, torch 2.13.
+# Below this width, lean decoding on the CPU (:func:`sample`) stays in fp32 under bf16 autocast: at one-token decode
+# shapes oneDNN's bf16 GEMM costs more per call than MKL's fp32 one; wider models gain from bf16's halved memory
+# traffic (measured: docs/performance.md).
 CPU_BF16_DECODE_MIN_WIDTH = 256
 
 
@@ -91,6 +92,7 @@ def sample(
     temperature: float,
     eos_token_id: int,
     pad_token_id: int,
+    *,
     uniforms: Tensor | None = None,
     keep_hidden: bool = False,
     lean: bool | None = None,
@@ -102,17 +104,21 @@ def sample(
     log-probs and (``keep_hidden``) hidden states, None otherwise.
     """
     if lean_gpt2.supports(policy) if lean is None else lean:
-        drawn = lean_sample(
-            policy,
-            query_ids,
-            query_mask,
-            max_new_tokens,
-            temperature,
-            eos_token_id,
-            pad_token_id,
-            uniforms=uniforms,
-            keep_hidden=keep_hidden,
-        )
+        device = query_ids.device
+        narrow = policy.config.n_embd < CPU_BF16_DECODE_MIN_WIDTH
+        fp32 = device.type == "cpu" and torch.is_autocast_enabled("cpu") and narrow
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            drawn = lean_sample(
+                policy,
+                query_ids,
+                query_mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                uniforms=uniforms,
+                keep_hidden=keep_hidden,
+            )
         return Sample(pad_responses(drawn.responses, max_new_tokens, pad_token_id), drawn.logprobs, drawn.hidden)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     if uniforms is not None:  # greedy over the one token InverseCDFSampler leaves
@@ -150,13 +156,14 @@ def lean_sample(
     model: nn.Module,
     query_ids: Tensor,
     query_mask: Tensor,
+    *,
+    uniforms: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    keep_hidden: bool = False,
     max_new_tokens: int,
     temperature: float,
     eos_token_id: int,
     pad_token_id: int,
-    uniforms: Tensor | None = None,
-    keep_hidden: bool = False,
-    generator: torch.Generator | None = None,
 ) -> Sample:
     """The lean decoder: up to ``max_new_tokens`` tokens of a plain GPT-2 with a preallocated KV cache.
 
@@ -165,20 +172,6 @@ def lean_sample(
     (default: the global RNG). Decoding stops as soon as every row has ended, so t ≤ ``max_new_tokens``.
     """
     device = query_ids.device
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu") and model.config.n_embd < CPU_BF16_DECODE_MIN_WIDTH:
-        with torch.autocast("cpu", enabled=False):
-            return lean_sample(
-                model,
-                query_ids,
-                query_mask,
-                max_new_tokens,
-                temperature,
-                eos_token_id,
-                pad_token_id,
-                uniforms,
-                keep_hidden,
-                generator,
-            )
     batch, query_length = query_ids.shape
     dtype = (
         torch.get_autocast_dtype("cuda" if device.type == "cuda" else "cpu")

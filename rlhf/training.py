@@ -214,10 +214,10 @@ def preference_accuracy(
 def train_reward_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[dict],
-    eval_rows: list[dict],
     config: RewardConfig,
     seed: int,
+    train_rows: list[dict],
+    eval_rows: list[dict],
     log: Log = lambda record: None,
     checkpointer: ResumeCheckpoints | None = None,
 ) -> dict[str, float]:

@@ -38,6 +38,7 @@ from rlhf.ppo_trainer.snapshots import PolicySnapshots, save_policy
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
 from tasks.stage_io import (
     EXIT_DIVERGED,
+    checkpoint_events,
     emit,
     fail,
     parse_paths,
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         seed,
         accelerator,
         (args.sft, args.reward, args.prompts),
-        lambda event, fields: emit("ppo", event, **fields),
+        checkpoint_events("ppo"),
     )
     snapshots = PolicySnapshots(config, models.tokenizer, resume.folder / "policy_checkpoints")
     snapshots.resume_with(resume, accelerator)

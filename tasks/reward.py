@@ -9,14 +9,14 @@ from __future__ import annotations
 import statistics
 
 from rlhf import data
-from rlhf.checkpoint import ResumeCheckpoints, config_part
+from rlhf.checkpoint import ResumeCheckpoints
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
 from rlhf.params import load_params
 from rlhf.training import raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, parse_paths, progress_logger, refuse_bad_input
+from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
 N_NORMALIZATION_SAMPLES = 2048
 
@@ -50,19 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     seed = params.stage_seed("reward")
     set_seed(seed)
     model = load_scalar_model(args.sft, tokenizer.pad_token_id)
-    # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
-    checkpoints = ResumeCheckpoints.for_stage(
-        "reward",
-        config.resume_every,
-        config_part(config),
-        seed,
-        args.preferences,
-        args.sft,
-        notify=lambda event, fields: emit("reward", event, **fields),
+    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun): rlhf/checkpoint.py
+    checkpoints = ResumeCheckpoints.for_config(
+        "reward", config, seed, args.preferences, args.sft, notify=checkpoint_events("reward")
     )
     try:
         metrics = train_reward_model(
-            model, tokenizer, splits["train"], splits["eval"], config, seed, progress_logger("reward"), checkpoints
+            model, tokenizer, config, seed, splits["train"], splits["eval"], progress_logger("reward"), checkpoints
         )
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)

@@ -6,14 +6,14 @@ python -m tasks.sft --base models/base --data data/sft --out models/sft --metric
 from __future__ import annotations
 
 from rlhf import data
-from rlhf.checkpoint import ResumeCheckpoints, config_part
+from rlhf.checkpoint import ResumeCheckpoints
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.params import load_params
 from rlhf.training import train_sft
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, parse_paths, progress_logger, refuse_bad_input
+from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,15 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     seed = params.stage_seed("sft")
     set_seed(seed)
     model = load_policy(args.base)
-    # resume checkpoints outside DVC's outs, valid only for these params, seed and inputs (rlhf/checkpoint.py)
-    checkpoints = ResumeCheckpoints.for_stage(
-        "sft",
-        params.sft.resume_every,
-        config_part(params.sft),
-        seed,
-        args.data,
-        args.base,
-        notify=lambda event, fields: emit("sft", event, **fields),
+    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun): rlhf/checkpoint.py
+    checkpoints = ResumeCheckpoints.for_config(
+        "sft", params.sft, seed, args.data, args.base, notify=checkpoint_events("sft")
     )
     try:
         metrics = train_sft(

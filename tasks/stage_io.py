@@ -51,6 +51,11 @@ def progress_logger(stage: str) -> Callable[[dict], None]:
     return lambda record: emit(stage, "progress", **record)
 
 
+def checkpoint_events(stage: str) -> Callable[[str, dict], None]:
+    """The ``notify(event, fields)`` of a stage's resume checkpoints (rlhf.checkpoint): each event a progress line."""
+    return lambda event, fields: emit(stage, event, **fields)
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     """Stop a stage with a one-line error (file and problem)."""
     print(f"error: {message}", file=sys.stderr, flush=True)

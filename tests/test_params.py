@@ -27,13 +27,10 @@ def dataclass_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def yaml_keys(raw: dict, prefix: str = "") -> dict[str, Any]:
-    keys = {}
-    for name, value in raw.items():
-        if isinstance(value, dict):
-            keys.update(yaml_keys(value, f"{prefix}{name}."))
-        else:
-            keys[f"{prefix}{name}"] = value
-    return keys
+    """Dotted key → value of a nested mapping, e.g. {"prepare.model.n_layer": 4}."""
+    nested = [yaml_keys(value, f"{prefix}{name}.") for name, value in raw.items() if isinstance(value, dict)]
+    flat = {f"{prefix}{name}": value for name, value in raw.items() if not isinstance(value, dict)}
+    return flat | {key: value for keys in nested for key, value in keys.items()}
 
 
 def test_params_yaml_lists_every_field_and_only_fields() -> None:

@@ -90,7 +90,15 @@ def test_sampler_logprobs_equal_a_full_forward_and_rows_stop_at_eos() -> None:
         model.lm_head.weight[1] *= 0  # EOS equally likely as others: some rows end early
     generator = torch.Generator().manual_seed(3)
     out = lean_sample(
-        model, query, query_mask, 12, 0.7, eos_token_id=1, pad_token_id=0, generator=generator, keep_hidden=True
+        model,
+        query,
+        query_mask,
+        max_new_tokens=12,
+        temperature=0.7,
+        eos_token_id=1,
+        pad_token_id=0,
+        generator=generator,
+        keep_hidden=True,
     )
     t = out.responses.shape[1]
     ended_at = [(row == 1).nonzero()[0].item() if (row == 1).any() else None for row in out.responses]
@@ -122,8 +130,9 @@ def test_inverse_cdf_sampling_is_a_function_of_the_uniforms() -> None:
     model = GPT2LMHeadModel(tiny_config()).eval()
     query = torch.tensor([[0, 4, 5], [6, 7, 8]])
     uniforms = torch.rand(2, 6)
-    both = lean_sample(model, query, (query != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms).responses
-    alone = lean_sample(model, query[1:], (query[1:] != 0).long(), 6, 1.0, 1, 0, uniforms=uniforms[1:]).responses
+    settings = {"max_new_tokens": 6, "temperature": 1.0, "eos_token_id": 1, "pad_token_id": 0}
+    both = lean_sample(model, query, (query != 0).long(), **settings, uniforms=uniforms).responses
+    alone = lean_sample(model, query[1:], (query[1:] != 0).long(), **settings, uniforms=uniforms[1:]).responses
     assert torch.equal(both[1, : alone.shape[1]], alone[0])
 
 
