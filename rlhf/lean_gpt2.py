@@ -68,8 +68,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """(b, h, s, dh) queries, (b, h, S, dh) keys/values, (b, 1, s, S) boolean mask → (b, h, s, dh).
 
     On CUDA the fused ``scaled_dot_product_attention``. On the CPU, for the short sequences of PPO, two batched
-    matmuls and a softmax: torch 2.13's CPU flash kernel with a mask took 28 ms forward + backward where these
-    took 3 ms (8 × 8 heads × 40 tokens, measured here; bench/ppo_vs_trl.py).
+    matmuls and a softmax: at these lengths torch's CPU flash kernel with a mask is several times slower
+    (measured: docs/performance.md).
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
