@@ -95,3 +95,23 @@ def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
     ):
         subprocess.run(command, cwd=repo, env=git_env(), check=True, capture_output=True)
     return repo
+
+
+def tiny_gpt2_config(**overrides):
+    """A 2-layer GPT-2 config for the library tests: vocabulary 50, EOS 1, pad 0, dropout off."""
+    from transformers import GPT2Config
+
+    values = dict(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
+    )
+    return GPT2Config(**(values | overrides))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import tiny_gpt2_config
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rlhf import lean_gpt2
@@ -11,21 +12,7 @@ from rlhf.sampling import lean_sample
 
 
 def tiny_config(**overrides) -> GPT2Config:
-    values = dict(
-        vocab_size=50,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        eos_token_id=1,
-        pad_token_id=0,
-        bos_token_id=2,
-    )
-    values.update(overrides)
-    return GPT2Config(**values)
+    return tiny_gpt2_config(**overrides)
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from support import tiny_gpt2_config
+from transformers import GPT2LMHeadModel
 
 from rlhf.sampling import sample
 
@@ -12,19 +13,7 @@ EOS, PAD = 1, 0
 
 def tiny_policy() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=50,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        bos_token_id=2,
-    )
+    config = tiny_gpt2_config()  # EOS 1, pad 0
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 0  # EOS about as likely as any token: some rows end early
