@@ -323,7 +323,7 @@ def _print_event(event: str, fields: dict) -> None:
 @dataclass(frozen=True)
 class Processes:
     """The processes that share one checkpoint folder. The default is one process (SFT, the reward model); PPO under
-    accelerate builds one from its Accelerator (:func:`rlhf.ppo_trainer.processes.processes_of`)."""
+    accelerate builds one from its Accelerator (:func:`rlhf.distributed.processes_of`)."""
 
     rank: int = 0
     world_size: int = 1

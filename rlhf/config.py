@@ -56,6 +56,11 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clipping
     eval_every: int = 500  # steps between held-out loss evaluations
+    gradient_accumulation_steps: int = 1  # micro-batches per step on each process (batch_size / processes / this)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    lora_rank: int = 0  # 0 = train all weights; > 0 = LoRA adapters (peft), merged into the saved model
+    lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
+    lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     resume_every: int = 200  # steps between resume checkpoints in .rlhf/checkpoints/sft (0 = none); not a DVC output
 
 
@@ -67,7 +72,9 @@ class SamplePairsConfig:
     samples_per_prompt: int = 4  # K; the labeller compares all K·(K−1)/2 pairs
     temperature: float = 1.0  # sampling temperature
     max_new_tokens: int = 24  # response length cap
-    batch_size: int = 256  # prompts per generation batch
+    batch_size: int = 256  # prompts per generation batch (on each process)
+    # "per_rank": global RNG seeded per process; "per_episode": same samples for any process count (rlhf/generation.py)
+    sampling_seeds: str = "per_rank"
 
 
 @dataclass
@@ -95,6 +102,11 @@ class RewardConfig:
     warmup_steps: int = 50  # linear warm-up
     max_grad_norm: float = 1.0  # gradient-norm clipping
     max_length: int = 64  # prompt + response + EOS tokens; longer pairs are an error
+    gradient_accumulation_steps: int = 1  # micro-batches per step on each process (batch_size / processes / this)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    lora_rank: int = 0  # 0 = train all weights; > 0 = LoRA adapters (peft), merged into the saved model
+    lora_alpha: int = 32  # LoRA scaling numerator (update scaled by alpha / rank)
+    lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     resume_every: int = 100  # steps between resume checkpoints in .rlhf/checkpoints/reward (0 = none); not a DVC output
 
 
@@ -126,10 +138,11 @@ class PPOConfig:
     kl_horizon: int = 10000  # adaptive: horizon in episodes
     missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
-    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/; docs/design.md §6)
-    num_processes: int = 1  # processes `accelerate launch` starts, all machines together; the stage checks it got them
-    # "no" | "bf16": bf16 compute, fp32 master weights; frozen models held in bf16 (GPUs; CPUs with AVX512-BF16/AMX)
-    mixed_precision: str = "no"
+    # How this stage was launched: not keys of the ppo section but params.yaml's `launch`, resolved for ppo by
+    # rlhf.params.load_params (LaunchConfig.for_stage("ppo")); kept here because the PPO engine reads them throughout.
+    config_file: str = field(default="configs/cpu-1proc.yaml", metadata={"from": "launch"})
+    num_processes: int = field(default=1, metadata={"from": "launch"})
+    mixed_precision: str = field(default="no", metadata={"from": "launch"})
     # "per_rank": sampling seeded seed·1000 + rank; "per_episode": the same episodes for any process count
     sampling_seeds: str = "per_rank"
     value_model: str = "critic"  # "critic": separate critic (a second trunk); "head": value head on the policy trunk
@@ -180,6 +193,55 @@ class PPOConfig:
         return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
 
 
+MODEL_STAGES = ("sft", "sample_pairs", "reward", "ppo", "evaluate")  # the stages `accelerate launch` starts
+MIXED_PRECISIONS = ("no", "bf16")
+SAMPLING_SEEDS = ("per_rank", "per_episode")  # sample_pairs / evaluate: where sampling draws (rlhf/generation.py)
+
+
+@dataclass
+class Launch:
+    """How `accelerate launch` starts one stage (resolved: no field left to a default)."""
+
+    config_file: str  # accelerate launch profile under configs/ (docs/design.md §6)
+    num_processes: int  # processes over all machines; the stage refuses a world of another size
+    mixed_precision: str  # "no" | "bf16" (bf16 compute, fp32 master weights)
+
+
+@dataclass
+class LaunchOverride:
+    """One stage's departures from the shared launch settings (None = the shared value)."""
+
+    config_file: str | None = None
+    num_processes: int | None = None
+    mixed_precision: str | None = None
+
+
+@dataclass
+class LaunchConfig:
+    """How `accelerate launch` starts every model stage: shared settings, overridable per stage (docs/design.md §6)."""
+
+    config_file: str = "configs/cpu-1proc.yaml"  # accelerate launch profile (configs/)
+    num_processes: int = 1  # processes `accelerate launch` starts, all machines together; each stage checks it
+    # "no" | "bf16": bf16 compute, fp32 master weights (GPUs; CPUs with AVX512-BF16/AMX)
+    mixed_precision: str = "no"
+    sft: LaunchOverride = field(default_factory=LaunchOverride)
+    sample_pairs: LaunchOverride = field(default_factory=LaunchOverride)
+    reward: LaunchOverride = field(default_factory=LaunchOverride)
+    ppo: LaunchOverride = field(default_factory=LaunchOverride)
+    evaluate: LaunchOverride = field(default_factory=LaunchOverride)
+
+    def for_stage(self, stage: str) -> Launch:
+        """The launch of ``stage``: its override where set, else the shared value."""
+        if stage not in MODEL_STAGES:
+            raise KeyError(f"no launch settings for stage {stage!r}; model stages: {', '.join(MODEL_STAGES)}")
+        override: LaunchOverride = getattr(self, stage)
+        return Launch(
+            config_file=self.config_file if override.config_file is None else override.config_file,
+            num_processes=self.num_processes if override.num_processes is None else override.num_processes,
+            mixed_precision=self.mixed_precision if override.mixed_precision is None else override.mixed_precision,
+        )
+
+
 @dataclass
 class EvaluateConfig:
     """Stage `evaluate`: SFT vs PPO policy on held-out prompts."""
@@ -195,7 +257,9 @@ class EvaluateConfig:
     n_samples_table: int = 12  # rows in the sample table
     snapshot_prompts: int = 64  # held-out prompts (the first N) each PPO policy snapshot is scored on (curve)
     bootstrap_resamples: int = 1000  # percentile-bootstrap resamples for the win-rate intervals (95 %)
-    batch_size: int = 256  # prompts per generation batch
+    batch_size: int = 256  # sampled responses per generation batch on each process (whole prompts: 128 × 2 samples)
+    # "per_rank": global RNG seeded per process; "per_episode": same samples for any process count (rlhf/generation.py)
+    sampling_seeds: str = "per_rank"
 
 
 @dataclass
@@ -229,6 +293,7 @@ class Params:
     """All of params.yaml."""
 
     seed: int = 0  # global seed; each stage derives its own streams from it (STAGE_SEED_OFFSETS)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sample_pairs: SamplePairsConfig = field(default_factory=SamplePairsConfig)

@@ -12,7 +12,9 @@ Internal record schemas passed between stages (one JSON object per line):
 
 `prompt + response` is always the full text the model sees. A prompt therefore ends with the cue for the
 assistant turn and the response continues it: with the default rendering (Anthropic HH style) the prompt
-ends "\\n\\nAssistant:" and the response starts with a space, exactly as hh-rlhf stores it.
+ends "\\n\\nAssistant:" and the response starts with a space, exactly as hh-rlhf stores it; with a model's chat
+template the prompt ends with the template's generation prompt and the response stops before the end-of-turn token,
+which is the tokenizer's EOS (docs/design.md, "Chat models: one renderer").
 Generated responses (samples, and preferences built from them) may be empty strings: a policy that stops
 at once produced that text. Imported human data with an empty response is dropped as broken.
 
@@ -47,23 +49,26 @@ def row_error(source: str, index: int, problem: str) -> DataError:
 def read_jsonl(path: str | os.PathLike) -> list[Row]:
     """Read one JSON object per line; blank lines are skipped. Line numbers in errors count from 1."""
     path = Path(path)
+    rows: list[Row] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        # line by line: the whole file as one string plus its list of lines would double the peak (docs/scale.md)
+        # newline="": lines end at \n, \r\n or \r only (JSON strings may hold U+2028); utf-8-sig drops a BOM
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    problem = f"invalid JSON: {error.msg} (column {error.colno})"
+                    raise DataError(f"{path}: line {line_number}: {problem}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
-    rows: list[Row] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: line {line_number}: invalid JSON: {error.msg} (column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
     return rows
 
 
@@ -174,6 +179,9 @@ def split_train_eval(
     return train, evaluation
 
 
+LENGTH_CHECK_CHUNK = 10_000  # texts tokenised at a time by check_lengths
+
+
 def check_lengths(texts: Sequence[str], tokenizer: Any, max_tokens: int, source: str, what: str) -> None:
     """Raise a `DataError` for the first text longer than `max_tokens` tokens (one batched tokenizer call).
 
@@ -181,7 +189,12 @@ def check_lengths(texts: Sequence[str], tokenizer: Any, max_tokens: int, source:
     """
     if not texts:
         return
-    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    # in chunks, keeping only the lengths: all token ids at once cost 2.6 GiB for 1 M texts (docs/scale.md)
+    lengths = [
+        len(ids)
+        for start in range(0, len(texts), LENGTH_CHECK_CHUNK)
+        for ids in tokenizer(list(texts[start : start + LENGTH_CHECK_CHUNK]))["input_ids"]
+    ]
     too_long = [index for index, length in enumerate(lengths) if length > max_tokens]
     if too_long:
         first = too_long[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -10,10 +11,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import ppo, sampling
-from rlhf.modeling import RewardNormalization, encode_prompts
+from rlhf.distributed import gather_in_order, shard_slice
+from rlhf.generation import decode_responses, rank_seed, sample_batches
+from rlhf.modeling import RewardNormalization
 from rlhf.rollout import response_logprobs, reward_scores
 
 
@@ -42,30 +45,49 @@ def sample_and_score(
     temperature: float,
     seed: int,
     batch_size: int = 256,
+    accelerator: Accelerator | None = None,
+    sampling_seeds: str = "per_rank",
 ) -> Samples:
-    """Sample ``samples_per_prompt`` responses per prompt and score them with the RM and the reference."""
-    torch.manual_seed(seed)
-    expanded = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    out = Samples([], [], [], [], [], [])
-    for start in range(0, len(expanded), batch_size):
-        chunk = expanded[start : start + batch_size]
-        query_ids, query_mask = encode_prompts(tokenizer, chunk)
-        raw = sampling.sample(
-            policy, query_ids, query_mask, max_new_tokens, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id
-        ).responses
-        responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        args = (query_ids, query_mask, responses, mask)
-        policy_logprobs = response_logprobs(policy, *args, temperature)
-        reference_logprobs = response_logprobs(reference, *args, temperature)
-        out.prompts += chunk
-        out.responses += tokenizer.batch_decode(
-            responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True
-        )
-        out.finished += finished.tolist()
-        out.lengths += mask.sum(1).tolist()
-        out.rm_scores += reward_scores(reward_model, normalization, *args).tolist()
-        out.kl_to_reference += ((policy_logprobs - reference_logprobs) * mask).sum(1).tolist()
-    return out
+    """Sample ``samples_per_prompt`` responses per prompt and score them with the RM and the reference.
+
+    With an ``accelerator`` of N processes each samples and scores its shard of the prompts (rlhf/generation.py) and
+    every process gets all the samples back in prompt order; ``sampling_seeds`` as in :mod:`rlhf.generation`.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    torch.manual_seed(rank_seed(seed, rank))
+    mine = shard_slice(len(prompts), rank, world)
+    k, per_prompt = samples_per_prompt, []
+    batches = sample_batches(
+        policy,
+        tokenizer,
+        [prompts[i] for i in mine],
+        list(mine),
+        k,
+        max_new_tokens,
+        temperature,
+        max(1, batch_size // k),  # evaluate.batch_size counts sampled rows (prompts × samples), whole prompts
+        episode_seed=seed if sampling_seeds == "per_episode" else None,
+    )
+    with accelerator.autocast() if accelerator else contextlib.nullcontext():
+        for batch in batches:
+            args = (batch.query_ids, batch.query_mask, batch.responses, batch.response_mask)
+            kl = (response_logprobs(policy, *args, temperature) - response_logprobs(reference, *args, temperature)) * (
+                batch.response_mask
+            )
+            columns = (
+                [prompt for prompt in batch.prompts for _ in range(k)],
+                decode_responses(tokenizer, batch),
+                batch.finished.tolist(),
+                batch.response_mask.sum(1).tolist(),
+                reward_scores(reward_model, normalization, *args).float().tolist(),
+                kl.sum(1).float().tolist(),
+            )
+            rows = list(zip(*columns))  # one tuple per sample, in the Samples field order
+            per_prompt += [rows[i * k : (i + 1) * k] for i in range(len(batch.prompts))]
+    if accelerator is not None:
+        per_prompt = gather_in_order(per_prompt, accelerator)
+    samples = [row for rows in per_prompt for row in rows]
+    return Samples(*(list(column) for column in zip(*samples))) if samples else Samples([], [], [], [], [], [])
 
 
 T = TypeVar("T")

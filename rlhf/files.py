@@ -72,14 +72,18 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> 
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Rows as UTF-8 JSON lines, atomically."""
-    lines = []
-    for index, row in enumerate(rows):
-        try:
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        except (TypeError, ValueError) as error:
-            raise WriteError(f"{path}: row {index} is not JSON-serialisable: {error}") from None
-    write_text(path, "".join(lines))
+    """Rows as UTF-8 JSON lines, atomically; each line is written as it is made (no copy of the whole file in
+    memory: 1 M preference rows cost 0.6 GiB as one string, docs/scale.md)."""
+
+    def write(handle: BinaryIO) -> None:
+        for index, row in enumerate(rows):
+            try:
+                line = json.dumps(row, ensure_ascii=False) + "\n"
+            except (TypeError, ValueError) as error:
+                raise WriteError(f"{path}: row {index} is not JSON-serialisable: {error}") from None
+            handle.write(line.encode("utf-8"))
+
+    write_atomic(path, write)
 
 
 def write_csv(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:

@@ -11,14 +11,19 @@ Public schemas accepted by the importers (`to_preference_records`, `to_demonstra
                             or any preference schema (its chosen side)
 
 A message is {"role": "system" | "user" | "assistant", "content": str}.
+
+One renderer for the whole pipeline (docs/design.md, "Chat models: one renderer"): `renderer_for(tokenizer)` is the
+model's chat template when its tokenizer has one, else the hh-rlhf text format (`render_messages`). With a chat
+template, hh-rlhf transcripts (and prompts in that format) become messages and are rendered with the template, and
+responses stop before the template's end-of-turn token, which the pipeline appends as EOS.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -126,8 +131,9 @@ def load_table(source: str, split: str = "train", data_files: str | None = None)
 class Renderer(Protocol):
     """Turns messages into model text; `add_generation_prompt` appends the cue for the assistant's turn.
 
-    `render_messages` is the default; `functools.partial(tokenizer.apply_chat_template, tokenize=False)`
-    fits too (see `renderer_for`).
+    `render_messages` is the default; `ChatTemplateRenderer` renders with a tokenizer's chat template (see
+    `renderer_for`). A renderer may carry `end_of_turn`, the text closing an assistant turn: responses are cut
+    before it, because the pipeline appends it as EOS (rlhf.modeling.encode_prompt_response).
     """
 
     def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str: ...
@@ -168,11 +174,58 @@ def render_messages(messages: list[dict], *, add_generation_prompt: bool = False
     return text + ASSISTANT_CUE if add_generation_prompt else text
 
 
+# A one-turn conversation whose assistant answer is found again in the render, to see what follows the answer
+_PROBE_ANSWER = "Fine, thanks."
+_PROBE_CONVERSATION = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {token.content for token in added.values() if token.special} | set(tokenizer.all_special_tokens)
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (ChatML `<|im_end|>`,
+    Llama-3 `<|eot_id|>`), or None when there is no template or no special token follows the answer.
+
+    Found by rendering a one-turn conversation and reading the special token right after the assistant's
+    content (whitespace between them is allowed, as in Llama-2's " </s>").
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        full = tokenizer.apply_chat_template(_PROBE_CONVERSATION, tokenize=False)
+    except Exception:  # a template may reject any conversation it was not written for; then there is no token
+        return None
+    at = full.rfind(_PROBE_ANSWER) if isinstance(full, str) else -1
+    if at < 0:
+        return None
+    after = full[at + len(_PROBE_ANSWER) :].lstrip()
+    found = [token for token in _special_tokens(tokenizer) if token and after.startswith(token)]
+    return max(found, key=len) if found else None  # the longest: "<|im_end|>" rather than a special "<" prefix
+
+
+class ChatTemplateRenderer:
+    """A tokenizer's chat template as a `Renderer`; `end_of_turn` is its end-of-turn token ("" when none)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.end_of_turn = end_of_turn_token(tokenizer) or ""
+
+    def __call__(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def renderer_for(tokenizer: Any) -> Renderer:
-    """The tokenizer's chat template when it has one, else `render_messages`."""
+    """The tokenizer's chat template when it has one (a `ChatTemplateRenderer`), else `render_messages`."""
     if getattr(tokenizer, "chat_template", None):
-        return functools.partial(tokenizer.apply_chat_template, tokenize=False)
+        return ChatTemplateRenderer(tokenizer)
     return render_messages
+
+
+def _renders_hh(render: Renderer) -> bool:
+    """Whether `render` is the hh-rlhf format itself: hh text then stays byte for byte as the dataset stores it."""
+    return render is render_messages
 
 
 def _render(render: Renderer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -189,12 +242,29 @@ class _RowProblem(Exception):
     """A problem with one row; the caller adds the source and row number."""
 
 
+def _cut_end_of_turn(added: str, end_of_turn: str) -> str:
+    """The final turn's text without the end-of-turn token and what follows it (ChatML's trailing newline).
+
+    The pipeline appends EOS (the end-of-turn token) after every response, so prompt + response + EOS is the
+    rendered conversation up to its end-of-turn token.
+    """
+    at = added.rfind(end_of_turn)
+    if at < 0:
+        raise _RowProblem(f"the chat template did not close the final assistant turn with {end_of_turn!r}")
+    if added[at + len(end_of_turn) :].strip():
+        trailing = added[at + len(end_of_turn) :][:40]
+        raise _RowProblem(f"the chat template renders {trailing!r} after the final {end_of_turn!r}")
+    return added[:at]
+
+
 def _split_conversation(messages: list[dict], render: Renderer) -> tuple[str, str]:
     """(prompt, response) for a conversation ending in an assistant turn.
 
     The prompt is the render of everything before the final turn plus the assistant cue; the response is the
-    text the final turn adds, so prompt + response == render(messages). If a template does not render that
-    way (the full render does not start with the prompt), the response is the final turn's content.
+    text the final turn adds, so prompt + response == render(messages); with an end-of-turn token
+    (`Renderer.end_of_turn`) the response stops before it, so prompt + response + EOS == render(messages) up to
+    what follows that token. If a template does not render that way (the full render does not start with the
+    prompt), the response is the final turn's content.
     """
     problem = _message_problem(messages)
     if problem:
@@ -203,17 +273,60 @@ def _split_conversation(messages: list[dict], render: Renderer) -> tuple[str, st
         raise _RowProblem("the conversation does not end with an assistant message")
     prompt = _render(render, messages[:-1], add_generation_prompt=True)
     full = _render(render, messages, add_generation_prompt=False)
-    response = full[len(prompt) :] if full.startswith(prompt) else messages[-1]["content"]
-    return prompt, response
+    if not full.startswith(prompt):
+        return prompt, messages[-1]["content"]
+    end_of_turn = getattr(render, "end_of_turn", "")
+    added = full[len(prompt) :]
+    return prompt, _cut_end_of_turn(added, end_of_turn) if end_of_turn else added
 
 
-def _split_transcript(transcript: Any, field: str) -> tuple[str, str]:
-    """hh-rlhf: prompt = text up to and including the last "\\n\\nAssistant:", response = the rest."""
+_HH_CUES = re.compile(f"({re.escape(HUMAN_CUE)}|{re.escape(ASSISTANT_CUE)})")
+
+
+def hh_messages(text: str) -> list[dict]:
+    """An hh-rlhf transcript as messages: each "\\n\\nHuman:" / "\\n\\nAssistant:" starts a user / assistant turn
+    (content stripped of the space after the cue and surrounding whitespace); text before the first cue is a
+    system message. A trailing empty assistant turn (a prompt ending with the cue) is kept."""
+    head, *parts = _HH_CUES.split(text)
+    messages = [{"role": "system", "content": head.strip()}] if head.strip() else []
+    for cue, content in zip(parts[::2], parts[1::2]):
+        messages.append({"role": "user" if cue == HUMAN_CUE else "assistant", "content": content.strip()})
+    return messages
+
+
+def _is_hh_prompt(text: str) -> bool:
+    return text.endswith(ASSISTANT_CUE) and HUMAN_CUE in text
+
+
+def _text_pair(prompt: str, response: str, render: Renderer) -> tuple[str, str]:
+    """A string prompt and its response: hh-format prompts go through a chat template; other text stays as is
+    (plain strings are already model text, as in TRL's standard, non-conversational format)."""
+    if _renders_hh(render) or not _is_hh_prompt(prompt):
+        return prompt, response
+    turns = hh_messages(prompt)[:-1]  # the empty assistant turn the cue opens
+    return _split_conversation([*turns, {"role": "assistant", "content": response.strip()}], render)
+
+
+def _text_prompt(prompt: str, render: Renderer) -> str:
+    """A string prompt as model text: an hh-format prompt through a chat template, other text as is."""
+    if _renders_hh(render) or not _is_hh_prompt(prompt):
+        return prompt
+    return _render(render, hh_messages(prompt)[:-1], add_generation_prompt=True)
+
+
+def _split_transcript(transcript: Any, field: str, render: Renderer) -> tuple[str, str]:
+    """hh-rlhf: prompt = text up to and including the last "\\n\\nAssistant:", response = the rest; with a chat
+    template the transcript is converted to messages (`hh_messages`) and split as a conversation."""
     if not isinstance(transcript, str):
         raise _RowProblem(f"field {field!r} must be a string transcript, got {type(transcript).__name__}")
     cut = transcript.rfind(ASSISTANT_CUE)
     if cut < 0:
         raise _RowProblem(f"field {field!r} has no {ASSISTANT_CUE.strip()!r} turn (expected an hh-rlhf transcript)")
+    if not _renders_hh(render):
+        try:
+            return _split_conversation(hh_messages(transcript), render)
+        except _RowProblem as problem:
+            raise _RowProblem(f"field {field!r}: {problem}") from None
     cut += len(ASSISTANT_CUE)
     return transcript[:cut], transcript[cut:]
 
@@ -277,9 +390,11 @@ def _preference_parts(row: Mapping[str, Any], schema: PreferenceSchema, render: 
     """(chosen prompt, chosen response, rejected prompt, rejected response) of one row."""
     if schema == "prompt_chosen_rejected":
         prompt = _string(row, "prompt")
-        return prompt, _string(row, "chosen"), prompt, _string(row, "rejected")
+        chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+        return (*_text_pair(prompt, chosen, render), *_text_pair(prompt, rejected, render))
     if schema == "hh_rlhf":
-        return (*_split_transcript(row.get("chosen"), "chosen"), *_split_transcript(row.get("rejected"), "rejected"))
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        return (*_split_transcript(chosen, "chosen", render), *_split_transcript(rejected, "rejected", render))
     chosen, rejected = _conversation_sides(row)
     return (*_split_conversation(chosen, render), *_split_conversation(rejected, render))
 
@@ -343,7 +458,9 @@ def _demonstration_parts(row: Mapping[str, Any], schema: str, render: Renderer) 
         return _split_conversation(row.get("messages"), render)
     if schema == "chosen":
         chosen = row.get("chosen")
-        return _split_conversation(chosen, render) if isinstance(chosen, list) else _split_transcript(chosen, "chosen")
+        if isinstance(chosen, list):
+            return _split_conversation(chosen, render)
+        return _split_transcript(chosen, "chosen", render)
     # {prompt, completion | response | chosen}: strings, or message lists (TRL's conversational formats)
     answer_field = schema.removeprefix("prompt_")
     prompt, answer = row.get("prompt"), row.get(answer_field)
@@ -351,7 +468,7 @@ def _demonstration_parts(row: Mapping[str, Any], schema: str, render: Renderer) 
         return _split_conversation((prompt if isinstance(prompt, list) else []) + answer, render)
     if isinstance(prompt, list):
         return _render(render, prompt, add_generation_prompt=True), _string(row, answer_field)
-    return _string(row, "prompt"), _string(row, answer_field)
+    return _text_pair(_string(row, "prompt"), _string(row, answer_field), render)
 
 
 def to_demonstrations(rows: Sequence[Mapping[str, Any]], source: str, render: Renderer = render_messages) -> list[Row]:
@@ -384,7 +501,7 @@ def _prompt_of(row: Mapping[str, Any], schema: str, render: Renderer) -> str:
         prompt = row.get("prompt")
         if isinstance(prompt, list):
             return _render(render, prompt, add_generation_prompt=True)
-        return _string(row, "prompt")
+        return _text_prompt(_string(row, "prompt"), render)
     if schema == "messages":
         messages = row.get("messages")
         problem = _message_problem(messages)

@@ -9,7 +9,8 @@ batched matmuls on the CPU (SDPA on CUDA), ``gelu(approximate="tanh")``, and a p
 They read the parameters of an unmodified ``GPT2LMHeadModel`` / ``GPT2ForSequenceClassification`` and run under
 autograd and autocast like any module code, so the optimiser, DDP and ``accelerate.autocast`` see no difference.
 :func:`supports` says when they apply; everything else (LoRA adapters, FSDP's per-block hooks, gradient
-checkpointing, other architectures) takes the Hugging Face path. The KV-cached decoder built on them is
+checkpointing) takes the Hugging Face path. Callers reach these functions through :mod:`rlhf.lean`, which dispatches
+on the architecture (Llama-family models: :mod:`rlhf.lean_llama`). The KV-cached decoder built on them is
 :func:`rlhf.sampling.lean_sample`.
 
 Shapes: b = rows, s = sequence, h = heads, d = hidden, dh = d / h, v = vocabulary.

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from rlhf import lean_gpt2
+from rlhf import lean as lean_forward  # "lean" is also the switch of causal_lm_logits & co.
 from rlhf.config import TinyModelConfig
 from rlhf.files import write_text
 
@@ -77,17 +77,41 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes for a LoRA adapter
+
+
+def merged_adapter(path: str | Path, load_base) -> PreTrainedModel | None:
+    """The model of a peft LoRA adapter folder, merged into its base (loaded by ``load_base(base path)``); None when
+    ``path`` holds a whole model. The stages save merged models; this lets a user's adapter folder stand in for one."""
+    config = Path(path, ADAPTER_CONFIG)
+    if not config.is_file():
+        return None
+    from peft import PeftModel  # imported here: stage programs must run without peft when no adapter is involved
+
+    base = load_base(json.loads(config.read_text())["base_model_name_or_path"])
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+
+
 def load_policy(path: str | Path) -> PreTrainedModel:
-    """A causal LM from a save_pretrained folder, dropout off."""
+    """A causal LM from a save_pretrained folder (a whole model or a LoRA adapter, merged), dropout off."""
+    merged = merged_adapter(path, load_policy)
+    if merged is not None:
+        return disable_dropout(merged)
     return disable_dropout(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
 
 
 def load_scalar_model(path: str | Path, pad_token_id: int | None = None) -> PreTrainedModel:
     """A one-output sequence-classification model (reward model or critic); dropout off.
 
-    From a causal-LM folder (the SFT model) this adds a fresh ``score`` head, as reward models are initialised.
+    From a causal-LM folder (the SFT model) this adds a fresh ``score`` head, as reward models are initialised;
+    a LoRA adapter folder is merged into its base.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    merged = merged_adapter(path, lambda base: load_scalar_model(base, pad_token_id))
+    model = (
+        merged
+        if merged is not None
+        else (AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32))
+    )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return disable_dropout(model)
@@ -98,10 +122,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(b, t) ids → (b, t, vocab) logits with positions from the mask (the lean GPT-2 forward where it applies)."""
-    if lean_gpt2.supports(model):
-        return lean_gpt2.lm_logits(model, lean_gpt2.full_forward(model, input_ids, attention_mask))
+def causal_lm_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, lean: bool = True
+) -> torch.Tensor:
+    """(b, t) ids → (b, t, vocab) logits with positions from the mask (the lean forward where it applies;
+    ``lean=False`` under FSDP/DeepSpeed, whose hooks on each module's forward the lean path would bypass)."""
+    if lean and lean_forward.supports(model):
+        return lean_forward.lm_logits(model, lean_forward.full_forward(model, input_ids, attention_mask))
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -111,17 +138,21 @@ def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     return output.logits
 
 
-def per_token_scalars(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def per_token_scalars(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, lean: bool = True
+) -> torch.Tensor:
     """(b, t) ids → (b, t) scalar head output at every position (values of a critic, scores of a reward model)."""
-    if lean_gpt2.supports(model):
-        return model.score(lean_gpt2.full_forward(model, input_ids, attention_mask)).squeeze(-1)
-    hidden = model.base_model(
+    if lean and lean_forward.supports(model):
+        return model.score(lean_forward.full_forward(model, input_ids, attention_mask)).squeeze(-1)
+    # a peft (LoRA) model's base_model is its whole wrapped model: the trunk is one level further in
+    scorer = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = scorer.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    return scorer.score(hidden).squeeze(-1)
 
 
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -130,9 +161,11 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
 
 
-def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, lean: bool = True
+) -> torch.Tensor:
     """(b, t) ids → (b,) reward-model score read at the last real token (the EOS, not the pad after it)."""
-    scores = per_token_scalars(model, input_ids, attention_mask)
+    scores = per_token_scalars(model, input_ids, attention_mask, lean)
     return scores.gather(1, last_real_index(attention_mask).clamp(min=0)[:, None]).squeeze(1)
 
 
@@ -238,8 +271,12 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def add_lora(policy: PreTrainedModel, rank: int, alpha: int, target_modules: str) -> nn.Module:
+def add_lora(
+    policy: PreTrainedModel, rank: int, alpha: int, target_modules: str, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
     """Wrap ``policy`` with trainable LoRA adapters (Hu et al. 2021, via peft); the base weights are frozen.
+
+    ``task_type`` "SEQ_CLS" for a reward model: peft then also trains (and saves) its fresh ``score`` head whole.
 
     With the adapter disabled the model computes exactly the SFT policy, so it doubles as the PPO reference
     (no second copy; TRL's PPO trainer does the same with peft). Dropout stays off, as everywhere in PPO.
@@ -257,7 +294,7 @@ def add_lora(policy: PreTrainedModel, rank: int, alpha: int, target_modules: str
         lora_dropout=0.0,
         target_modules=targets,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         fan_in_fan_out=transposed,
     )
     return get_peft_model(policy, config)

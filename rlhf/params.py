@@ -13,6 +13,7 @@ import difflib
 import math
 import posixpath
 import re
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from rlhf.config import ConfigError, Params
+from rlhf.config import (
+    MIXED_PRECISIONS,
+    MODEL_STAGES,
+    SAMPLING_SEEDS,
+    ConfigError,
+    LaunchConfig,
+    LaunchOverride,
+    Params,
+)
 
 
 def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
@@ -29,6 +38,10 @@ def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: {key}: expected a mapping, got {value!r}")
         return _build(annotation, value, file, key)
+    if isinstance(annotation, types.UnionType):  # `T | None`: an override left to the shared value
+        if value is None:
+            return None
+        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool:
@@ -98,6 +111,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             raise ConfigError(f"{path}: {old} was renamed to {new}; rename it")
     params = _build(Params, raw, str(path))
     _validate(params, str(path))
+    # the PPO engine reads its launch from its own config: fill it from `launch` (LaunchConfig.for_stage)
+    launch = params.launch.for_stage("ppo")
+    params.ppo.config_file, params.ppo.num_processes = launch.config_file, launch.num_processes
+    params.ppo.mixed_precision = launch.mixed_precision
+    _validate_ppo_sizes(params, str(path))
     return params
 
 
@@ -108,6 +126,10 @@ RENAMED_KEYS = {
     "reward.checkpoint_every": "reward.resume_every",
     "ppo.checkpoint_every": "ppo.snapshot_every",
     "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts",
+    # one launch for every model stage: the shared value, or launch.ppo.* for ppo alone
+    "ppo.config_file": "launch.config_file (or launch.ppo.config_file)",
+    "ppo.num_processes": "launch.num_processes (or launch.ppo.num_processes)",
+    "ppo.mixed_precision": "launch.mixed_precision (or launch.ppo.mixed_precision)",
 }
 
 # Range rules checked by load_params, so a bad value stops `dvc repro` at the first stage, before any training.
@@ -129,6 +151,10 @@ POSITIVE = (  # must be > 0
     "sample_pairs.temperature",
     "sample_pairs.max_new_tokens",
     "sample_pairs.batch_size",
+    "sft.gradient_accumulation_steps",
+    "reward.gradient_accumulation_steps",
+    "sft.lora_alpha",
+    "reward.lora_alpha",
     "reward.epochs",
     "reward.batch_size",
     "reward.learning_rate",
@@ -170,6 +196,8 @@ NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
     "evaluate.bootstrap_resamples",
     "sft.resume_every",
     "reward.resume_every",
+    "sft.lora_rank",
+    "reward.lora_rank",
     "ppo.resume_every",
 )
 OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
@@ -267,11 +295,14 @@ MODE_KEYS: tuple[tuple[tuple[str, ...], Callable[[Params], bool], Callable[[Para
         lambda p: f"label.annotator is {p.label.annotator!r} (it applies to human labels only)",
         "set label.annotator: human",
     ),
-    (
-        ("ppo.lora_alpha", "ppo.lora_target_modules"),
-        lambda p: p.ppo.lora_rank > 0,
-        lambda p: "ppo.lora_rank is 0 (LoRA is off)",
-        "set ppo.lora_rank > 0",
+    *(
+        (
+            (f"{stage}.lora_alpha", f"{stage}.lora_target_modules"),
+            lambda p, stage=stage: getattr(p, stage).lora_rank > 0,
+            lambda p, stage=stage: f"{stage}.lora_rank is 0 (LoRA is off)",
+            f"set {stage}.lora_rank > 0",
+        )
+        for stage in ("sft", "reward", "ppo")
     ),
     (
         ("ppo.kl_horizon",),
@@ -334,11 +365,48 @@ def _validate(params: Params, where: str) -> None:
             f"prepare.model.n_embd ({model.n_embd}) must be divisible by prepare.model.n_head ({model.n_head})",
         ),
     ]
+    checks += [
+        (
+            getattr(params, stage).sampling_seeds in SAMPLING_SEEDS,
+            f"{stage}.sampling_seeds must be one of {list(SAMPLING_SEEDS)}, "
+            f"got {getattr(params, stage).sampling_seeds!r}",
+        )
+        for stage in ("sample_pairs", "evaluate")
+    ]
+    checks += launch_problems(params.launch)
     problems = [problem for ok, problem in checks if not ok] + idle_key_problems(params) + range_problems(params)
     if problems:
         raise ConfigError(
             f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else "")
         )
+
+
+def launch_problems(launch: LaunchConfig) -> list[tuple[bool, str]]:
+    """(ok, problem) for the shared launch settings and each stage's override."""
+    checks = [
+        (launch.num_processes >= 1, f"launch.num_processes must be ≥ 1, got {launch.num_processes}"),
+        (
+            launch.mixed_precision in MIXED_PRECISIONS,
+            f"launch.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {launch.mixed_precision!r}",
+        ),
+    ]
+    for stage in MODEL_STAGES:
+        override: LaunchOverride = getattr(launch, stage)
+        checks += [
+            (
+                override.num_processes is None or override.num_processes >= 1,
+                f"launch.{stage}.num_processes must be ≥ 1 or null, got {override.num_processes}",
+            ),
+            (
+                override.mixed_precision in (None, *MIXED_PRECISIONS),
+                f"launch.{stage}.mixed_precision must be null or one of {list(MIXED_PRECISIONS)}, "
+                f"got {override.mixed_precision!r}",
+            ),
+        ]
+    return checks
+
+
+def _validate_ppo_sizes(params: Params, where: str) -> None:
     try:  # every process's share of the rollout batch must split into minibatches and micro-batches exactly
         params.ppo.derived(params.ppo.num_processes)
     except ConfigError as error:

@@ -6,8 +6,8 @@ row (EOS is barred at the first step, as ``generate(min_new_tokens=1)``), rows p
 
 Two decoders draw from that distribution:
 
-- :func:`lean_sample` for a plain GPT-2 (:func:`rlhf.lean_gpt2.supports`): a preallocated KV cache over the lean
-  forward of :mod:`rlhf.lean_gpt2`, without ``generate()``'s per-token machinery. It also records each token's
+- :func:`lean_sample` for a plain GPT-2 or Llama-family model (:func:`rlhf.lean.supports`): a preallocated KV cache
+  over the lean forward of :mod:`rlhf.lean`, without ``generate()``'s per-token machinery. It also records each token's
   log-prob and, on request, the hidden state that chose it: PPO's old log-probs and value-head inputs, no extra forward;
 - Hugging Face ``generate()`` for every other model (LoRA adapters, gradient checkpointing, other architectures).
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from rlhf import lean_gpt2
+from rlhf import lean as lean_forward  # "lean" is also sample()'s decoder switch
 
 # Below this width, lean decoding on the CPU (:func:`sample`) stays in fp32 under bf16 autocast: at one-token decode
 # shapes oneDNN's bf16 GEMM costs more per call than MKL's fp32 one; wider models gain from bf16's halved memory
@@ -100,12 +100,12 @@ def sample(
     """Sample (b, max_new_tokens) responses to left-padded prompts, rows padded after their EOS.
 
     ``uniforms``: per-row draws as in the module docstring (default: the global RNG). ``lean``: the decoder, by default
-    the lean one when :func:`rlhf.lean_gpt2.supports` the policy, else ``generate()``; only the lean one records
+    the lean one when :func:`rlhf.lean.supports` the policy, else ``generate()``; only the lean one records
     log-probs and (``keep_hidden``) hidden states, None otherwise.
     """
-    if lean_gpt2.supports(policy) if lean is None else lean:
+    if lean_forward.supports(policy) if lean is None else lean:
         device = query_ids.device
-        narrow = policy.config.n_embd < CPU_BF16_DECODE_MIN_WIDTH
+        narrow = policy.config.hidden_size < CPU_BF16_DECODE_MIN_WIDTH  # GPT-2: n_embd
         fp32 = device.type == "cpu" and torch.is_autocast_enabled("cpu") and narrow
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             drawn = lean_sample(
@@ -165,7 +165,8 @@ def lean_sample(
     eos_token_id: int,
     pad_token_id: int,
 ) -> Sample:
-    """The lean decoder: up to ``max_new_tokens`` tokens of a plain GPT-2 with a preallocated KV cache.
+    """The lean decoder: up to ``max_new_tokens`` tokens of a model :func:`rlhf.lean.supports`, with a preallocated
+    KV cache.
 
     The log-prob recorded is that of the unmodified distribution (before the EOS bar), which is what PPO's ratio
     compares against. ``uniforms``: :func:`inverse_cdf` draws; otherwise ``torch.multinomial`` with ``generator``
@@ -178,7 +179,7 @@ def lean_sample(
         if torch.is_autocast_enabled(device.type)
         else model.lm_head.weight.dtype
     )
-    cache = lean_gpt2.KVCache.empty(model, batch, query_length + max_new_tokens, dtype, device)
+    cache = lean_forward.empty_cache(model, batch, query_length + max_new_tokens, dtype, device)
     key_mask = torch.zeros(batch, query_length + max_new_tokens, dtype=torch.bool, device=device)
     key_mask[:, :query_length] = query_mask.bool()
     positions = (query_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -188,11 +189,11 @@ def lean_sample(
     hiddens = []
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
     # prefill: the whole prompt, keep the last position
-    prefill_mask = lean_gpt2.attention_mask_4d(key_mask[:, :query_length], 0, query_length)
-    hidden = lean_gpt2.hidden_states(model, query_ids, positions, prefill_mask, cache, 0)[:, -1]
+    prefill_mask = lean_forward.attention_mask_4d(key_mask[:, :query_length], 0, query_length)
+    hidden = lean_forward.hidden_states(model, query_ids, positions, prefill_mask, cache, 0)[:, -1]
     steps = 0
     for step in range(max_new_tokens):
-        logits = lean_gpt2.lm_logits(model, hidden).float() / temperature  # (b, v)
+        logits = lean_forward.lm_logits(model, hidden).float() / temperature  # (b, v)
         log_distribution = torch.log_softmax(logits, dim=-1)
         choice = (
             log_distribution
@@ -215,7 +216,7 @@ def lean_sample(
             break
         column = query_length + step
         key_mask[:, column] = alive  # this step's token (the EOS included) is real for rows alive before it
-        mask = lean_gpt2.attention_mask_4d(key_mask[:, : column + 1], column, 1)
-        hidden = lean_gpt2.hidden_states(model, tokens[:, None], next_position[:, None], mask, cache, column)[:, -1]
+        mask = lean_forward.attention_mask_4d(key_mask[:, : column + 1], column, 1)
+        hidden = lean_forward.hidden_states(model, tokens[:, None], next_position[:, None], mask, cache, column)[:, -1]
         next_position = next_position + 1
     return Sample(responses[:, :steps], logprobs[:, :steps], torch.stack(hiddens, 1) if keep_hidden else None)

@@ -1,7 +1,7 @@
 """Stage `evaluate`: the PPO policy against the SFT policy on held-out prompts (proxy RM and gold side by side).
 
-    python -m tasks.evaluate --policy models/policy --snapshots models/policy_checkpoints --sft models/sft \
-        --reward models/reward --prompts data/prompts/eval.jsonl --history plots/ppo.csv \
+    python -m tasks.launch -m tasks.evaluate --policy models/policy --snapshots models/policy_checkpoints \
+        --sft models/sft --reward models/reward --prompts data/prompts/eval.jsonl --history plots/ppo.csv \
         --metrics metrics/evaluate.json \
         --samples metrics/samples.md --curve plots/overoptimization.csv --curve-png plots/overoptimization.png \
         --training-png plots/ppo_training.png
@@ -9,6 +9,8 @@
 Writes metrics/evaluate.json (the final policy), metrics/samples.md, plots/overoptimization.csv (every PPO policy
 snapshot in models/policy_checkpoints, and the SFT policy as step 0, scored on the first evaluate.snapshot_prompts
 prompts) and two PNGs rendered offline: plots/ppo_training.png (from plots/ppo.csv) and plots/overoptimization.png.
+Under `accelerate launch` (params.yaml's `launch`) each process samples and scores its shard of the prompts on its
+device; the main process computes the metrics and writes every output.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import sys
 from pathlib import Path
 
 from rlhf import data
+from rlhf.config import ConfigError
+from rlhf.distributed import make_accelerator
 from rlhf.evaluation import checkpoint_summary, compare_policies, sample_and_score, samples_table
 from rlhf.files import read_csv, write_csv, write_json, write_text
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
-from tasks.stage_io import emit, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
@@ -72,9 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         gold = load_judge(config.gold, "evaluate.gold") if config.gold else None
         is_valid = load_judge(config.validity, "evaluate.validity") if config.validity else None
     prompts = [r["prompt"] for r in (prompts[: config.n_prompts] if config.n_prompts else prompts)]
-    sft = load_policy(args.sft).eval()
-    policy = load_policy(args.policy).eval()
-    reward_model = load_scalar_model(args.reward, tokenizer.pad_token_id).eval()
+    try:
+        accelerator = make_accelerator(params.launch.for_stage("evaluate"), "evaluate")
+    except ConfigError as error:
+        fail(str(error))
+    main_process, device = accelerator.is_main_process, accelerator.device
+    sft = load_policy(args.sft).eval().to(device)
+    policy = load_policy(args.policy).eval().to(device)
+    reward_model = load_scalar_model(args.reward, tokenizer.pad_token_id).eval().to(device)
     normalization = RewardNormalization.load(args.reward)
     common = dict(
         reward_model=reward_model,
@@ -86,13 +95,16 @@ def main(argv: list[str] | None = None) -> None:
         temperature=config.temperature,
         seed=params.stage_seed("evaluate"),
         batch_size=config.batch_size,
+        accelerator=accelerator,
+        sampling_seeds=config.sampling_seeds,
     )
     checkpoints = checkpoint_folders(args.snapshots)
     total = 3 + len(checkpoints)  # policy, SFT, SFT on the checkpoint prompts, each checkpoint
+    progress = (lambda **fields: emit("evaluate", "progress", **fields)) if main_process else (lambda **fields: None)
     policy_samples = sample_and_score(policy, sft, **common)
-    emit("evaluate", "progress", step=1, total=total)
+    progress(step=1, total=total)
     sft_samples = sample_and_score(sft, sft, **common)
-    emit("evaluate", "progress", step=2, total=total)
+    progress(step=2, total=total)
     metrics = compare_policies(
         policy_samples,
         sft_samples,
@@ -104,11 +116,20 @@ def main(argv: list[str] | None = None) -> None:
     # over-optimisation: proxy vs gold along the PPO trajectory, every checkpoint on the same prompts and seed
     subset = dict(common, prompts=prompts[: config.snapshot_prompts] if config.snapshot_prompts else prompts)
     curve = [{"step": 0, **checkpoint_summary(sample_and_score(sft, sft, **subset), gold, is_valid)}]
-    emit("evaluate", "progress", step=3, total=total)
+    progress(step=3, total=total)
     for done, (step, folder) in enumerate(checkpoints, start=4):
-        checkpoint = load_policy(folder).eval()
+        checkpoint = load_policy(folder).eval().to(device)
         curve.append({"step": step, **checkpoint_summary(sample_and_score(checkpoint, sft, **subset), gold, is_valid)})
-        emit("evaluate", "progress", step=done, total=total, checkpoint=step)
+        progress(step=done, total=total, checkpoint=step)
+    if main_process:
+        write_outputs(args, params, metrics, curve, policy_samples, sft_samples, gold)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def write_outputs(args, params, metrics: dict, curve: list[dict], policy_samples, sft_samples, gold) -> None:
+    """The main process's outputs: curve CSV and PNGs, metrics with the KL band verdict, the sample table."""
+    config = params.evaluate
     write_csv(args.curve, curve)
     render_plots(curve, args)
     # the adaptive controller aims at kl_target; within ±50 % of it counts as on target

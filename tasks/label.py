@@ -1,14 +1,17 @@
 """Stage `label`: preference labels → data/preferences/{train,eval}.jsonl.
 
-    python -m tasks.label --pairs data/pairs --out data/preferences --metrics metrics/label.json
+    python -m tasks.label --pairs data/pairs --base models/base --out data/preferences --metrics metrics/label.json
 
 Annotators (`label.annotator`):
 - `simulated`: a gold judge (`label.gold`, `module:callable`) plus Bradley–Terry noise labels all pairs of the
   sampled responses of each prompt;
 - `dataset`: imports public preference data (hh-rlhf `chosen`/`rejected` transcripts, `prompt`/`chosen`/`rejected`,
-  or conversational message lists as in UltraFeedback-binarized) instead of the sampled pairs;
+  or conversational message lists as in UltraFeedback-binarized) instead of the sampled pairs, rendered as `prepare`
+  renders prompts and demonstrations: with the chat template of the tokenizer in models/base when it has one
+  (only the tokenizer is loaded, never weights), else in the hh-rlhf text format;
 - `human`: reads the labels people gave through the labelling flow (`label.labels_file`).
-The split into train/eval is by prompt, so no prompt's pairs sit on both sides.
+The simulated and human annotators label responses sampled from the policy for prompts `prepare` already rendered,
+so they need no renderer. The split into train/eval is by prompt, so no prompt's pairs sit on both sides.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from rlhf.config import LabelConfig
 from rlhf.data import DataError
 from rlhf.files import write_json, write_jsonl
 from rlhf.params import load_params
-from rlhf.validation import finite_scores, load_judge, read_records
+from rlhf.validation import check_model_dir, finite_scores, load_judge, read_records
 from tasks.stage_io import emit, parse_paths, refuse_bad_input
 
 
@@ -46,12 +49,29 @@ def label_simulated(config: LabelConfig, seed: int, samples_file: Path) -> tuple
     return annotators.label_pairs(samples, annotator, annotator_id)
 
 
-def label_from_dataset(config: LabelConfig) -> tuple[list[dict], dict]:
+def base_renderer(base: Path) -> importers.Renderer:
+    """The renderer `prepare` used: from the tokenizer saved in models/base (its chat template, else hh-rlhf text)."""
+    from rlhf.modeling import load_tokenizer  # here: only this annotator needs it, and it imports torch (slow)
+
+    check_model_dir(base)
+    tokenizer = load_tokenizer(base)
+    render = importers.renderer_for(tokenizer)
+    end_of_turn = getattr(render, "end_of_turn", "")
+    if end_of_turn and tokenizer.eos_token != end_of_turn:  # prepare sets it; a hand-edited folder may not have it
+        raise DataError(
+            f"{base}: the tokenizer's EOS {tokenizer.eos_token!r} is not its chat template's end-of-turn token "
+            f"{end_of_turn!r}, so imported responses would not end as the policy's do"
+        )
+    return render
+
+
+def label_from_dataset(config: LabelConfig, render: importers.Renderer) -> tuple[list[dict], dict]:
     rows = importers.load_table(config.dataset, config.dataset_split)
     rows = rows[: config.max_rows] if config.max_rows else rows
-    records, n_dropped = importers.to_preference_records(rows, config.dataset)
+    records, n_dropped = importers.to_preference_records(rows, config.dataset, render)
+    annotator = f"dataset:{config.dataset}"  # one string shared by every record (1 M copies cost 0.1 GiB)
     for record in records:
-        record["annotator"] = f"dataset:{config.dataset}"
+        record["annotator"] = annotator
     return records, {"n_pairs": len(records), "n_dropped": n_dropped}
 
 
@@ -64,14 +84,14 @@ def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_paths(argv, "python -m tasks.label", "pairs out metrics")
+    args = parse_paths(argv, "python -m tasks.label", "pairs base out metrics")
     with refuse_bad_input():  # labelling is cheap: all of it runs before anything is written
         params = load_params()
         config = params.label
         if config.annotator == "simulated":
             records, stats = label_simulated(config, params.stage_seed("label.annotator"), args.pairs / "samples.jsonl")
         elif config.annotator == "dataset":
-            records, stats = label_from_dataset(config)
+            records, stats = label_from_dataset(config, base_renderer(args.base))
         else:
             records, stats = label_from_humans(config)
         data.validate_preferences(records, f"labels from the {config.annotator} annotator")

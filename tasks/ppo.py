@@ -1,11 +1,10 @@
 """Stage `ppo`: PPO against the reward model with a KL penalty to the frozen SFT policy.
 
-    accelerate launch --config_file ${ppo.config_file} --num_processes ${ppo.num_processes} \
-        --mixed_precision ${ppo.mixed_precision} -m tasks.ppo \
+    python -m tasks.launch -m tasks.ppo \
         --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --out models/policy \
         --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv
 
-(the launch options from params, e.g. configs/cpu-2proc.yaml, 2, no; the paths as dvc.yaml passes them).
+(`accelerate launch` with params.yaml's `launch` for ppo: tasks/launch.py; the paths as dvc.yaml passes them).
 
 Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json,
 plots/ppo.csv and the policy snapshots models/policy_checkpoints/step-N (every ppo.snapshot_every iterations and the

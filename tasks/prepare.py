@@ -5,6 +5,8 @@
 Embedded default: a generated review corpus, a byte-level BPE trained here, a tiny GPT-2 built from params.
 Real sources: `prepare.base_model` / `prepare.dataset` name a Hub id or a local path (e.g. `gpt2`,
 `Anthropic/hh-rlhf`), loaded with transformers / datasets. Inputs are validated before the model is loaded.
+A base model whose tokenizer has a chat template renders conversations with it, and its end-of-turn token becomes
+the EOS saved in models/base (docs/design.md, "Chat models: one renderer").
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, lo
 from rlhf.params import load_params
 from rlhf.validation import check_tokenizer_fits_model
 from tasks.stage_io import emit, parse_paths, refuse_bad_input
+
+
+def end_turns_with_eos(tokenizer, base_model: str) -> None:
+    """With a chat template, make EOS the token that closes an assistant turn (ChatML `<|im_end|>`).
+
+    Every later stage appends EOS after a response and samples until EOS, so the policy learns and is stopped
+    at the token its template ends a turn with; the tokenizer saved in models/base carries this EOS.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    token = importers.end_of_turn_token(tokenizer)
+    if token is None:
+        raise data.DataError(
+            f"params.yaml: prepare.base_model {base_model!r}: its chat template closes an assistant turn with no "
+            "special token, so responses could not end with EOS. Fix: use a model whose template ends a turn with "
+            "a special token (e.g. <|im_end|>), or remove chat_template from its tokenizer_config.json"
+        )
+    tokenizer.eos_token = token
+
+
+def use_tokenizer_eos(model, tokenizer) -> None:
+    """The model's config and generation config stop on the tokenizer's EOS too (the end-of-turn token)."""
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def load_real_dataset(
@@ -45,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer = None
         else:
             tokenizer = load_tokenizer(config.base_model)
+            end_turns_with_eos(tokenizer, config.base_model)
             check_tokenizer_fits_model(tokenizer, config.base_model)  # reads config.json only
         render = importers.renderer_for(tokenizer) if tokenizer is not None else importers.render_messages
         # 2. text data
@@ -81,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = disable_dropout(AutoModelForCausalLM.from_pretrained(config.base_model))
         model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(tokenizer, "chat_template", None):  # EOS became the end-of-turn token (end_turns_with_eos)
+            use_tokenizer_eos(model, tokenizer)
         max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", None
         )

@@ -1,7 +1,10 @@
 """Stage `reward`: Bradley–Terry reward model, initialised from the SFT model, scores normalised on SFT samples.
 
-    python -m tasks.reward --sft models/sft --preferences data/preferences --pairs data/pairs --out models/reward \
-        --metrics metrics/reward.json
+    python -m tasks.launch -m tasks.reward --sft models/sft --preferences data/preferences --pairs data/pairs \
+        --out models/reward --metrics metrics/reward.json
+
+(`accelerate launch` with params.yaml's `launch`: tasks/launch.py). Every process trains on its share of each batch;
+the main process normalises the scores and writes models/reward (LoRA merged) and the metrics.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import statistics
 
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints
+from rlhf.config import ConfigError
+from rlhf.distributed import launch_part, make_accelerator, processes_of, unsupported_resume
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
 from rlhf.params import load_params
-from rlhf.training import raw_scores, train_reward_model
+from rlhf.training import micro_batch_size, raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
@@ -47,20 +52,47 @@ def main(argv: list[str] | None = None) -> None:
                 data.check_lengths(texts, tokenizer, config.max_length - 1, str(path), f"prompt + {side}")
             splits[split] = rows
         samples = read_records(samples_file, data.validate_samples) if samples_file.exists() else []
+    try:
+        accelerator = make_accelerator(params.launch.for_stage("reward"), "reward")
+        micro_batch_size(config, accelerator)  # the global batch must split exactly
+    except ConfigError as error:
+        fail(str(error))
     seed = params.stage_seed("reward")
     set_seed(seed)
     model = load_scalar_model(args.sft, tokenizer.pad_token_id)
-    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun): rlhf/checkpoint.py
+    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun), valid for this launch only
     checkpoints = ResumeCheckpoints.for_config(
-        "reward", config, seed, args.preferences, args.sft, notify=checkpoint_events("reward")
+        "reward",
+        config,
+        seed,
+        args.preferences,
+        args.sft,
+        launch_part(accelerator),
+        notify=checkpoint_events("reward"),
+        processes=processes_of(accelerator),
     )
+    checkpoints.open(unsupported=unsupported_resume(accelerator))
+    log = progress_logger("reward") if accelerator.is_main_process else (lambda record: None)
     try:
-        metrics = train_reward_model(
-            model, tokenizer, config, seed, splits["train"], splits["eval"], progress_logger("reward"), checkpoints
+        model, metrics = train_reward_model(
+            model, tokenizer, config, seed, splits["train"], splits["eval"], accelerator, log, checkpoints
         )
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
-    # normalise: SFT samples score mean 0, std 1 (Ziegler et al. 2019); reference answers when there are no samples
+    if accelerator.is_main_process:
+        save_reward_model(model, tokenizer, args, samples, splits, metrics)
+        metrics.update(world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value)
+        write_json(args.metrics, metrics)
+    accelerator.wait_for_everyone()
+    checkpoints.clear()  # the final model is in place: resume state no longer needed
+    if accelerator.is_main_process:
+        emit("reward", "metrics", **metrics)
+    accelerator.end_training()
+
+
+def save_reward_model(model, tokenizer, args, samples: list[dict], splits: dict, metrics: dict) -> None:
+    """Normalise the scores (SFT samples: mean 0, std 1; Ziegler et al. 2019; the reference answers when there are
+    no samples), write models/reward and add the data and normalisation figures to ``metrics``."""
     if samples:
         pairs = [(r["prompt"], resp) for r in samples for resp in r["responses"]][:N_NORMALIZATION_SAMPLES]
     else:
@@ -83,9 +115,6 @@ def main(argv: list[str] | None = None) -> None:
             "normalization_std": normalization.std,
         }
     )
-    write_json(args.metrics, metrics)
-    checkpoints.clear()  # the final model is in place: resume state no longer needed
-    emit("reward", "metrics", **metrics)
 
 
 if __name__ == "__main__":

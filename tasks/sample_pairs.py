@@ -1,20 +1,23 @@
 """Stage `sample_pairs`: K sampled responses per training prompt from the SFT policy.
 
-    python -m tasks.sample_pairs --sft models/sft --prompts data/prompts/train.jsonl --out data/pairs \
+    python -m tasks.launch -m tasks.sample_pairs --sft models/sft --prompts data/prompts/train.jsonl --out data/pairs \
         --metrics metrics/sample_pairs.json
+
+(`accelerate launch` with params.yaml's `launch`: tasks/launch.py). Each process samples its shard of the prompts
+on its device (rlhf/generation.py); the main process writes data/pairs/samples.jsonl in prompt order.
 """
 
 from __future__ import annotations
 
-import torch
-
-from rlhf import data, ppo
+from rlhf import data
+from rlhf.config import ConfigError
+from rlhf.distributed import gather_in_order, make_accelerator, shard_slice
 from rlhf.files import write_json, write_jsonl
-from rlhf.modeling import check_prompts_fit, encode_prompts, load_policy, load_tokenizer, set_seed
+from rlhf.generation import decode_responses, rank_seed, sample_batches
+from rlhf.modeling import check_prompts_fit, load_policy, load_tokenizer, set_seed
 from rlhf.params import load_params
-from rlhf.sampling import sample
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import emit, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,47 +31,56 @@ def main(argv: list[str] | None = None) -> None:
         check_tokenizer_fits_model(tokenizer, args.sft)
         check_prompts_fit(tokenizer, [r["prompt"] for r in prompts], args.sft, config.max_new_tokens, str(args.prompts))
     prompts = prompts[: config.n_prompts] if config.n_prompts else prompts
-    set_seed(params.stage_seed("sample_pairs"))
-    policy = load_policy(args.sft).eval()
-    rows, n_finished = [], 0
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = [r["prompt"] for r in prompts[start : start + config.batch_size]]
-        expanded = [p for p in chunk for _ in range(config.samples_per_prompt)]
-        query_ids, query_mask = encode_prompts(tokenizer, expanded)
-        with torch.no_grad():
-            raw = sample(
-                policy,
-                query_ids,
-                query_mask,
-                config.max_new_tokens,
-                config.temperature,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-            ).responses
-        responses, mask, finished = ppo.truncate_after_stop_token(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(responses.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
-        n_finished += int(finished.sum())
-        k = config.samples_per_prompt
-        for i, prompt in enumerate(chunk):
-            rows.append(
-                {
-                    "prompt_id": start + i,
-                    "prompt": prompt,
-                    "responses": texts[i * k : (i + 1) * k],
-                    "finished": finished[i * k : (i + 1) * k].tolist(),
-                }
-            )
-        emit("sample_pairs", "progress", step=min(start + config.batch_size, len(prompts)), total=len(prompts))
-    write_jsonl(args.out / "samples.jsonl", rows)
-    n_samples = len(rows) * config.samples_per_prompt
-    metrics = {
-        "n_prompts": len(rows),
-        "n_samples": n_samples,
-        "eos_rate": n_finished / n_samples,
-        "distinct_per_prompt": sum(len(set(r["responses"])) for r in rows) / len(rows),
-    }
-    write_json(args.metrics, metrics)
-    emit("sample_pairs", "metrics", **metrics)
+    try:
+        accelerator = make_accelerator(params.launch.for_stage("sample_pairs"), "sample_pairs")
+    except ConfigError as error:
+        fail(str(error))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    seed = params.stage_seed("sample_pairs")
+    set_seed(rank_seed(seed, rank))
+    policy = load_policy(args.sft).eval().to(accelerator.device)
+    mine = shard_slice(len(prompts), rank, world)  # prompts r, r+N, … (disjoint shards, every prompt once)
+    k, local, done = config.samples_per_prompt, [], 0
+    with accelerator.autocast():
+        for batch in sample_batches(
+            policy,
+            tokenizer,
+            [prompts[i]["prompt"] for i in mine],
+            list(mine),
+            k,
+            config.max_new_tokens,
+            config.temperature,
+            config.batch_size,
+            episode_seed=seed if config.sampling_seeds == "per_episode" else None,
+        ):
+            texts, finished = decode_responses(tokenizer, batch), batch.finished.tolist()
+            for i, prompt in enumerate(batch.prompts):
+                local.append(
+                    {
+                        "prompt_id": mine[done + i],
+                        "prompt": prompt,
+                        "responses": texts[i * k : (i + 1) * k],
+                        "finished": finished[i * k : (i + 1) * k],
+                    }
+                )
+            done += len(batch.prompts)
+            if accelerator.is_main_process:  # rank 0's share stands for all: the shards are the same size ± 1
+                emit("sample_pairs", "progress", step=min(done * world, len(prompts)), total=len(prompts))
+    rows = gather_in_order(local, accelerator)
+    if accelerator.is_main_process:
+        write_jsonl(args.out / "samples.jsonl", rows)
+        n_samples = len(rows) * k
+        metrics = {
+            "n_prompts": len(rows),
+            "n_samples": n_samples,
+            "eos_rate": sum(sum(r["finished"]) for r in rows) / n_samples,
+            "distinct_per_prompt": sum(len(set(r["responses"])) for r in rows) / len(rows),
+            "world_size": world,
+        }
+        write_json(args.metrics, metrics)
+        emit("sample_pairs", "metrics", **metrics)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Stage `sft`: supervised fine-tuning of the base model on demonstrations (loss on response tokens).
 
-python -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json
+    python -m tasks.launch -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json
+
+(`accelerate launch` with params.yaml's `launch`: tasks/launch.py). Every process trains on its share of each batch;
+the main process writes models/sft (LoRA merged) and the metrics.
 """
 
 from __future__ import annotations
 
 from rlhf import data
 from rlhf.checkpoint import ResumeCheckpoints
+from rlhf.config import ConfigError
+from rlhf.distributed import launch_part, make_accelerator, processes_of, unsupported_resume
 from rlhf.files import replace_folder, staging_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.params import load_params
-from rlhf.training import train_sft
+from rlhf.training import micro_batch_size, train_sft
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
 
@@ -29,26 +34,45 @@ def main(argv: list[str] | None = None) -> None:
         if limit:
             texts = [r["prompt"] + r["response"] for r in train_rows]
             data.check_lengths(texts, tokenizer, limit - 1, str(args.data / "train.jsonl"), "demonstration")
+    try:
+        accelerator = make_accelerator(params.launch.for_stage("sft"), "sft")
+        micro_batch_size(params.sft, accelerator)  # the global batch must split exactly
+    except ConfigError as error:
+        fail(str(error))
     seed = params.stage_seed("sft")
     set_seed(seed)
     model = load_policy(args.base)
-    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun): rlhf/checkpoint.py
+    # resume checkpoints outside DVC's outs (DVC deletes those before a rerun), valid for this launch only
     checkpoints = ResumeCheckpoints.for_config(
-        "sft", params.sft, seed, args.data, args.base, notify=checkpoint_events("sft")
+        "sft",
+        params.sft,
+        seed,
+        args.data,
+        args.base,
+        launch_part(accelerator),
+        notify=checkpoint_events("sft"),
+        processes=processes_of(accelerator),
     )
+    checkpoints.open(unsupported=unsupported_resume(accelerator))
+    log = progress_logger("sft") if accelerator.is_main_process else (lambda record: None)
     try:
-        metrics = train_sft(
-            model, tokenizer, train_rows, eval_rows, params.sft, seed, progress_logger("sft"), checkpoints
+        model, metrics = train_sft(
+            model, tokenizer, train_rows, eval_rows, params.sft, seed, accelerator, log, checkpoints
         )
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
-    staging = staging_folder(args.out)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    replace_folder(staging, args.out)
-    write_json(args.metrics, metrics)
+    if accelerator.is_main_process:
+        staging = staging_folder(args.out)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        replace_folder(staging, args.out)
+        metrics.update(world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value)
+        write_json(args.metrics, metrics)
+    accelerator.wait_for_everyone()
     checkpoints.clear()  # the final model is in place: resume state no longer needed
-    emit("sft", "metrics", **metrics)
+    if accelerator.is_main_process:
+        emit("sft", "metrics", **metrics)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

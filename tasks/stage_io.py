@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -57,8 +58,10 @@ def checkpoint_events(stage: str) -> Callable[[str, dict], None]:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """Stop a stage with a one-line error (file and problem)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Stop a stage with a one-line error (file and problem); under a multi-process launch only rank 0 prints it
+    (every rank stops for the same reason, and one line is the promise)."""
+    if os.environ.get("RANK", "0") == "0":  # torchrun's global rank; unset for one process
+        print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

@@ -37,6 +37,21 @@ def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def set_params(folder: Path, **sections: dict) -> None:
+    """Update sections of ``folder``'s params.yaml; nested mappings (``launch={"sft": {…}}``) merge key by key."""
+
+    def merge(into: dict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    merge(params, sections)
+    write_params(folder, params)
+
+
 def stage_command(stage: str, workspace: Path | None = None) -> list[str]:
     """The stage's command as dvc.yaml writes it (paths included), ``${section.key}`` filled from the workspace's
     params.yaml (default: the repository's); ``python`` is this interpreter."""
@@ -62,6 +77,21 @@ def run_stage(stage: str) -> None:
     import importlib
 
     importlib.import_module(f"tasks.{stage}").main(stage_arguments(stage))
+
+
+def stage_pids(workspace: Path, stage: str) -> list[int]:
+    """PIDs of the processes running ``tasks.<stage>`` in ``workspace``: the launcher (tasks/launch.py, which runs
+    `accelerate launch` in its own process) and its workers (Linux /proc). Killing a stage means killing them all,
+    as a SIGKILL of a whole process group (Ctrl-C in a terminal, a preempted machine) does."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if f"tasks.{stage}".encode() in argv and Path(os.readlink(entry / "cwd")) == workspace:
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def git_env() -> dict[str, str]:

@@ -101,15 +101,21 @@ def closure(roots: list[str]) -> set[str]:
     return seen
 
 
+def stage_programs(stage: str) -> list[str]:
+    """The modules the cmd runs: ``-m tasks.<stage>``, after ``-m tasks.launch`` for a launched model stage."""
+    modules = re.findall(r"(?:^|\s)-m\s+([\w.]+)", " ".join(str(STAGES[stage]["cmd"]).split()))
+    assert modules, f"dvc.yaml: stage {stage}'s cmd runs no `-m module`"
+    return modules
+
+
 def stage_program(stage: str) -> str:
-    match = re.search(r"(?:^|\s)-m\s+([\w.]+)", " ".join(str(STAGES[stage]["cmd"]).split()))
-    assert match, f"dvc.yaml: stage {stage}'s cmd runs no `-m module`"
-    return match.group(1)
+    """The stage's own program (the last ``-m module``)."""
+    return stage_programs(stage)[-1]
 
 
 def stage_closure(stage: str) -> set[str]:
-    """Project modules the stage's program runs (and the modules its `module:callable` params name)."""
-    roots = [stage_program(stage)] + [spec.partition(":")[0] for spec in CALLABLE_PARAMS.get(stage, []) if spec]
+    """Project modules the stage's programs run (and the modules its `module:callable` params name)."""
+    roots = stage_programs(stage) + [spec.partition(":")[0] for spec in CALLABLE_PARAMS.get(stage, []) if spec]
     return closure(roots)
 
 
@@ -163,6 +169,9 @@ def params_read(stage: str) -> set[str]:
             parent = parents.get(node)
             if node.attr == "stage_seed":
                 reads.add("seed")
+            elif node.attr == "launch":  # params.launch.for_stage(stage): the shared keys and the stage's override
+                shared = {"launch.config_file", "launch.num_processes", "launch.mixed_precision"}
+                reads.update(shared | {f"launch.{stage}"})
             elif isinstance(parent, ast.Attribute) and parent.value is node:
                 reads.add(f"{node.attr}.{parent.attr}")  # params.section.key
             else:
@@ -184,6 +193,15 @@ def test_every_param_a_stage_reads_is_in_its_params(stage: str) -> None:
     assert "params.yaml" not in reads, f"dvc.yaml: stage {stage} hands all params on: list `- params.yaml:`"
     missing = sorted(key for key in reads if key not in listed and key.split(".")[0] not in listed)
     assert missing == [], f"dvc.yaml: stage {stage} reads these params but does not list them"
+
+
+@pytest.mark.parametrize("stage", [stage for stage in STAGES if "tasks.launch" in stage_programs(stage)])
+def test_a_launched_stage_lists_its_launch_params_and_the_profiles(stage: str) -> None:
+    # tasks/launch.py reads the shared launch keys and the stage's override, and starts the profile under configs/
+    launch_keys = {"launch.config_file", "launch.num_processes", "launch.mixed_precision", f"launch.{stage}"}
+    assert launch_keys <= dvc_params(stage), f"dvc.yaml: stage {stage} must list {sorted(launch_keys)}"
+    assert "configs" in STAGES[stage]["deps"], f"dvc.yaml: stage {stage} must depend on configs (the profiles)"
+    assert stage_program(stage) == f"tasks.{stage}"
 
 
 def test_the_stage_seed_streams_name_stages() -> None:

@@ -18,6 +18,8 @@ def dataclass_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted key → default value of every field of a config dataclass, nested configs included."""
     keys = {}
     for item in dataclasses.fields(obj):
+        if item.metadata.get("from") == "launch":  # filled from params.yaml's `launch` (PPOConfig's launch fields)
+            continue
         value = getattr(obj, item.name)
         if dataclasses.is_dataclass(value):
             keys.update(dataclass_keys(value, f"{prefix}{item.name}."))

@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from rlhf.config import PPOConfig
+from rlhf.distributed import reduce_means
 from rlhf.guards import NonFiniteError, first_non_finite
-from rlhf.ppo_trainer.processes import reduce_means
 from rlhf.rollout import Experience
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from rlhf import ppo
 from rlhf.config import PPOConfig
+from rlhf.distributed import full_parameters, shard_for_rank
 from rlhf.modeling import encode_prompts
 from rlhf.ppo_trainer.models import PPOModels
-from rlhf.ppo_trainer.processes import full_parameters, shard_for_rank
 from rlhf.rollout import Experience, joined, response_logprobs, response_values, reward_scores
 from rlhf.sampling import sample
 
@@ -45,7 +45,7 @@ def roll_out(
     accelerator: Accelerator,
 ) -> Experience:
     """Steps 2–4 on this process's prompts with the prepared (wrapped) ``module``: unwrapped, in eval mode, under
-    autocast, with whole weights under FSDP (:func:`~rlhf.ppo_trainer.processes.full_parameters`)."""
+    autocast, with whole weights under FSDP (:func:`~rlhf.distributed.full_parameters`)."""
     with full_parameters(accelerator, module), accelerator.autocast():
         unwrapped = accelerator.unwrap_model(module)
         unwrapped.eval()
@@ -102,7 +102,7 @@ def collect_experience(
     """Steps 2–4: generate, truncate after EOS, then old logprobs, reference logprobs, values and RM scores.
 
     ``trainable``: the unwrapped :func:`~rlhf.ppo_trainer.models.trainable_module`; ``uniforms`` (b, t): per-episode
-    sampling (:func:`rlhf.sampling.inverse_cdf`), None to sample from the global RNG. On the lean GPT-2 path the
+    sampling (:func:`rlhf.sampling.inverse_cdf`), None to sample from the global RNG. On the lean path (rlhf.lean) the
     sampler's own log-probs are the old log-probs (``rollout_logprobs: sampler``) and a value head reads the sampler's
     hidden states, so the policy is not run again; the batch is cut to its longest response.
     """

@@ -34,11 +34,12 @@ from accelerate import Accelerator
 from rlhf import ppo
 from rlhf.checkpoint import ResumeCheckpoints
 from rlhf.config import PPOConfig
+from rlhf.distributed import reduce_means
 from rlhf.ppo_trainer.checks import check_rollout, check_update
 from rlhf.ppo_trainer.experience import add_advantages, iteration_prompts, roll_out, rollout_metrics
 from rlhf.ppo_trainer.models import PPOModels
 from rlhf.ppo_trainer.optimise import PreparedTraining, anneal_learning_rate, optimise, prepare_training
-from rlhf.ppo_trainer.processes import gather_experience, reduce_means
+from rlhf.ppo_trainer.processes import gather_experience
 from rlhf.ppo_trainer.resume import restore_training, save_training
 
 

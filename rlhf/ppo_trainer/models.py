@@ -2,8 +2,8 @@
 and reward model (:class:`PPOModels`, :func:`load_ppo_models`), and the one module the optimiser trains
 (:func:`trainable_module`): policy + critic, or policy + value head, so one DDP wrapper syncs both in one backward.
 
-On a plain GPT-2 (:func:`rlhf.lean_gpt2.supports`) the forwards take the lean path; ``lean`` is switched off under
-FSDP and DeepSpeed (:func:`rlhf.ppo_trainer.optimise.prepare_training`).
+On a plain GPT-2 or Llama-family model (:func:`rlhf.lean.supports`) the forwards take the lean path; ``lean`` is
+switched off under FSDP and DeepSpeed (:func:`rlhf.ppo_trainer.optimise.prepare_training`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import lean_gpt2
+from rlhf import lean
 from rlhf.config import PPOConfig
 from rlhf.modeling import (
     RewardNormalization,
@@ -36,7 +36,7 @@ class PolicyAndCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
-        self.lean = lean_gpt2.supports(policy) and lean_gpt2.supports(critic)
+        self.lean = lean.supports(policy) and lean.supports(critic)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
@@ -62,14 +62,14 @@ class PolicyAndCritic(nn.Module):
     ) -> torch.Tensor:
         """Lean path only: the policy half of :meth:`forward` (the LM head only where it is read)."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
-        return lean_gpt2.lm_logits(self.policy, lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep])
+        return lean.lm_logits(self.policy, lean.full_forward(self.policy, input_ids, attention_mask)[:, keep])
 
     def critic_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
     ) -> torch.Tensor:
         """Lean path only: the critic half of :meth:`forward`."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
-        return self.critic.score(lean_gpt2.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
+        return self.critic.score(lean.full_forward(self.critic, input_ids, attention_mask)[:, keep]).squeeze(-1)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -83,7 +83,7 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
-        self.lean = lean_gpt2.supports(policy)
+        self.lean = lean.supports(policy)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int | None = None
@@ -91,8 +91,8 @@ class PolicyWithValueHead(nn.Module):
         """(b, s) ids → policy logits (b, s', vocab) and values (b, s'); ``response_start`` as in PolicyAndCritic."""
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         if self.lean:
-            hidden = lean_gpt2.full_forward(self.policy, input_ids, attention_mask)[:, keep]
-            return lean_gpt2.lm_logits(self.policy, hidden), self.value_head(
+            hidden = lean.full_forward(self.policy, input_ids, attention_mask)[:, keep]
+            return lean.lm_logits(self.policy, hidden), self.value_head(
                 hidden.to(self.value_head.weight.dtype)
             ).squeeze(-1)
         output = self.policy(

@@ -11,10 +11,10 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from rlhf.config import PPOConfig
+from rlhf.distributed import shard_for_rank, token_weight
 from rlhf.ppo_trainer.losses import ppo_minibatch_loss
 from rlhf.ppo_trainer.memory import Bf16Weights, policy_then_critic_backward, separate_backward_applies
 from rlhf.ppo_trainer.models import PPOModels, trainable_module
-from rlhf.ppo_trainer.processes import shard_for_rank, token_weight
 from rlhf.rollout import Experience
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import nn
 
 from rlhf.checkpoint import CheckpointError, ResumeCheckpoints, config_part
 from rlhf.config import PPOConfig
+from rlhf.distributed import processes_of, unsupported_resume
 from rlhf.ppo import AdaptiveKLController, FixedKLController
 from rlhf.ppo_trainer.optimise import PreparedTraining
-from rlhf.ppo_trainer.processes import processes_of
 
 
 def stage_checkpoints(
@@ -136,14 +135,3 @@ def load_trainable_state(module: nn.Module, state: dict[str, dict[str, torch.Ten
     _, unexpected = module.load_state_dict(saved, strict=False)
     if unexpected:
         raise CheckpointError(f"unexpected tensors in the checkpoint: {unexpected[:3]}")
-
-
-def unsupported_resume(accelerator: Accelerator) -> str | None:
-    """Why resume checkpoints cannot be taken in this launch, or None: FSDP and DeepSpeed shard the optimiser state
-    (FSDP the weights too) over processes, which this main-process format does not gather."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return (
-            f"resume checkpoints are not supported under {accelerator.distributed_type.value} (sharded state); "
-            "a rerun starts from iteration 0"
-        )
-    return None

@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import REPO, git_env, make_tiny_repo, run_stage, stage_arguments, write_params
+from support import REPO, git_env, make_tiny_repo, run_stage, set_params, stage_command, stage_pids, write_params
 
 import rlhf.ppo_trainer.experience
 from rlhf.files import path_digest
@@ -82,34 +82,17 @@ def stage_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def accelerate() -> str:
-    return str(Path(sys.executable).parent / "accelerate")
-
-
-def launch(processes: int = 1) -> list[str]:
-    """`accelerate launch` of the stage with the shipped CPU profile for 1 or 2 processes, as dvc.yaml runs it."""
-    return [
-        accelerate(),
-        "launch",
-        "--config_file",
-        f"configs/cpu-{processes}proc.yaml",
-        "--num_processes",
-        str(processes),
-        "--mixed_precision",
-        "no",
-        "-m",
-        "tasks.ppo",
-        *stage_arguments("ppo"),
-    ]
+def launch() -> list[str]:
+    """The stage's command as dvc.yaml runs it: tasks/launch.py, which starts `accelerate launch` with the shipped CPU
+    profile and process count that params.yaml's `launch` gives ppo."""
+    return stage_command("ppo")
 
 
 def run_ppo(workspace: Path, processes: int = 1) -> str:
     """The stage as dvc.yaml runs it; returns its stdout. A run past the timeout fails with the last stage events
     it printed (which step and event it reached) and its stderr, so a hang says where it stopped."""
     try:
-        done = subprocess.run(
-            launch(processes), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300
-        )
+        done = subprocess.run(launch(), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as hung:
         stdout, stderr = (
             (stream or b"").decode(errors="replace") for stream in (hung.stdout, hung.stderr)
@@ -125,25 +108,12 @@ def run_ppo(workspace: Path, processes: int = 1) -> str:
     return done.stdout
 
 
-def stage_pids(workspace: Path) -> list[int]:
-    """PIDs of the processes running tasks.ppo in ``workspace`` (the launcher and its workers; Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"tasks.ppo" in argv and Path(os.readlink(entry / "cwd")) == workspace:
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, processes: int = 1) -> tuple[int, str]:
     """Start the stage, SIGKILL all its processes ``delay`` s after the progress line of ``after_iteration``; returns
     (launcher's exit status, stdout so far). The workers are found by their working folder: torchrun (2 processes)
     starts them in sessions of their own, where a kill of the launcher's process group does not reach them."""
     process = subprocess.Popen(
-        launch(processes),
+        launch(),
         cwd=workspace,
         env=stage_env(),
         stdout=subprocess.PIPE,
@@ -157,7 +127,7 @@ def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, proces
             lines.append(line)
             if line.startswith("@rlhf ") and events(line, "progress") and events(line)[0]["step"] == after_iteration:
                 time.sleep(delay)
-                for pid in stage_pids(workspace.resolve()):
+                for pid in stage_pids(workspace.resolve(), "ppo"):
                     os.kill(pid, signal.SIGKILL)
                 break
         lines += process.stdout.readlines()
@@ -220,9 +190,8 @@ def test_two_process_ppo_killed_mid_save_resumes_every_rank_and_ends_bitwise_equ
         iterations=6,
         resume_every=RESUME_EVERY,
         snapshot_every=SNAPSHOT_EVERY,
-        config_file="configs/cpu-2proc.yaml",
-        num_processes=2,
     )
+    set_params(crashed, launch={"ppo": {"config_file": "configs/cpu-2proc.yaml", "num_processes": 2}})
     reference = crashed.parent / "reference"
     shutil.copytree(crashed, reference)
     run_ppo(reference, processes=2)
@@ -331,7 +300,7 @@ class KillAfterFirstCheckpoint(threading.Thread):
     def run(self) -> None:
         latest = self.workspace / ".rlhf/checkpoints/ppo/latest.json"
         while not self.done.is_set() and not self.killed:
-            for pid in stage_pids(self.workspace) if latest.exists() else []:
+            for pid in stage_pids(self.workspace, "ppo") if latest.exists() else []:
                 os.kill(pid, signal.SIGKILL)
                 self.killed.append(pid)
             self.done.wait(0.02)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from support import REPO, run_stage, stage_command, tiny_params, write_params
+from support import REPO, run_stage, set_params, stage_command, stage_pids, tiny_params, write_params
 
 import rlhf.checkpoint
 import rlhf.training
@@ -48,19 +47,12 @@ def results(metrics: dict) -> dict:
     return {key: value for key, value in metrics.items() if key not in RESULT_KEYS_IGNORED}
 
 
-def set_params(folder: Path, **sections: dict) -> None:
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    write_params(folder, params)
-
-
 # ----------------------------------------------------------------------------------------------- SFT, SIGKILLed
 
 
 def sft_workspace(source: Path, folder: Path) -> Path:
     """A workspace holding only what the sft stage reads, with more steps and frequent checkpoints."""
-    for name in ("data/sft", "models/base"):
+    for name in ("data/sft", "models/base", "configs"):
         shutil.copytree(source / name, folder / name)
     params = tiny_params()
     params["sft"].update(steps=SFT_STEPS, resume_every=SFT_EVERY, eval_every=50)
@@ -97,7 +89,8 @@ def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tu
             lines.append(line)
             if line.startswith("@rlhf ") and json.loads(line[6:])["event"] == "checkpoint":
                 time.sleep(delay)
-                process.send_signal(signal.SIGKILL)
+                for pid in stage_pids(workspace.resolve(), "sft"):  # the launcher and its worker
+                    os.kill(pid, signal.SIGKILL)
                 break
         lines += process.stdout.readlines()
         return process.wait(timeout=60), "".join(lines)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import STAGE_SEED_OFFSETS, ConfigError, Params, PPOConfig
+from rlhf.config import STAGE_SEED_OFFSETS, ConfigError, Launch, Params, PPOConfig
 from rlhf.params import RENAMED_KEYS, load_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_derived_sizes_divide_exactly() -> None:
 def test_a_bare_no_is_a_string_as_dvc_writes_it(tmp_path: Path) -> None:
     # `dvc exp run -S` rewrites params.yaml as YAML 1.2 and drops the quotes of 'no'; YAML 1.1 would read False
     path = tmp_path / "params.yaml"
-    path.write_text("ppo: {mixed_precision: no, anneal_lr: false, snapshot_every: 15}\n")
+    path.write_text("launch: {mixed_precision: no}\nppo: {anneal_lr: false, snapshot_every: 15}\n")
     params = load_params(path)
     assert params.ppo.mixed_precision == "no" and params.ppo.anneal_lr is False and params.ppo.snapshot_every == 15
 
@@ -53,7 +53,7 @@ def test_a_bare_no_is_a_string_as_dvc_writes_it(tmp_path: Path) -> None:
 def test_params_are_read_with_yaml_1_2_booleans_as_dvc_writes_them(tmp_path: Path) -> None:
     # `dvc exp run -S` rewrites params.yaml with `mixed_precision: no` unquoted: a string in YAML 1.2
     path = tmp_path / "params.yaml"
-    path.write_text("ppo:\n  mixed_precision: no\n  anneal_lr: false\n")
+    path.write_text("launch:\n  mixed_precision: no\nppo:\n  anneal_lr: false\n")
     params = load_params(path)
     assert params.ppo.mixed_precision == "no" and params.ppo.anneal_lr is False
 
@@ -75,7 +75,32 @@ def test_renamed_keys_name_one_meaning_each() -> None:
         "reward.checkpoint_every": "reward.resume_every",
         "ppo.checkpoint_every": "ppo.snapshot_every",
         "evaluate.checkpoint_prompts": "evaluate.snapshot_prompts",
+        # one launch section for every model stage
+        "ppo.config_file": "launch.config_file (or launch.ppo.config_file)",
+        "ppo.num_processes": "launch.num_processes (or launch.ppo.num_processes)",
+        "ppo.mixed_precision": "launch.mixed_precision (or launch.ppo.mixed_precision)",
     }
+
+
+def test_each_stage_launch_is_the_shared_one_unless_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "launch:\n  num_processes: 2\n  config_file: configs/cpu-2proc.yaml\n"
+        "  ppo: {num_processes: 1, config_file: configs/cpu-1proc.yaml, mixed_precision: bf16}\n"
+        "  sft: {mixed_precision: bf16}\nppo: {rollout_batch_size: 16, num_minibatches: 2}\n"
+    )
+    params = load_params(path)
+    assert params.launch.for_stage("sft") == Launch("configs/cpu-2proc.yaml", 2, "bf16")
+    assert params.launch.for_stage("reward") == Launch("configs/cpu-2proc.yaml", 2, "no")
+    assert params.launch.for_stage("ppo") == Launch("configs/cpu-1proc.yaml", 1, "bf16")
+    # the PPO engine reads its launch from its config
+    assert (params.ppo.config_file, params.ppo.num_processes, params.ppo.mixed_precision) == (
+        "configs/cpu-1proc.yaml",
+        1,
+        "bf16",
+    )
+    with pytest.raises(KeyError, match="no launch settings for stage 'label'"):
+        params.launch.for_stage("label")
 
 
 def test_stage_seeds_are_the_frozen_offsets() -> None:

@@ -102,3 +102,25 @@ def test_check_lengths_names_row_count_and_limit(tiny_tokenizer) -> None:
         match=r"^prompts\.jsonl: row 1: prompt is 5 tokens long, more than the 4 the model allows \(1 of 3 rows",
     ):
         check_lengths(["the plot", "the plot was very good", "good"], tiny_tokenizer, 4, "prompts.jsonl", "prompt")
+
+
+def test_read_jsonl_takes_a_bom_crlf_and_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
+    # a Windows export (BOM, CRLF), and U+2028 inside a string: JSON allows it raw, json.dumps(ensure_ascii=False)
+    # writes it raw, and it must not cut the line
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('\ufeff{"prompt": "a"}\r\n\r\n{"prompt": "b\u2028c"}\r\n'.encode())
+    assert read_jsonl(path) == [{"prompt": "a"}, {"prompt": "b\u2028c"}]
+    path.write_bytes(b'{"prompt": "a"}\r\n{"prompt": \r\n')
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: invalid JSON"):
+        read_jsonl(path)
+
+
+def test_check_lengths_in_chunks_names_the_first_long_row_overall(
+    tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlhf.data
+
+    monkeypatch.setattr(rlhf.data, "LENGTH_CHECK_CHUNK", 2)  # rows 0-1, 2-3, 4: the long ones sit in later chunks
+    texts = ["the plot", "the plot was", "the plot", "the plot was good", "the plot was good good"]
+    with pytest.raises(DataError, match=r"f: row 3: text is 4 tokens long, more than the 3 .* \(2 of 5 rows"):
+        check_lengths(texts, tiny_tokenizer, 3, "f", "text")

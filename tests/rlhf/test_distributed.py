@@ -181,7 +181,7 @@ def test_two_processes_train_the_same_policy_as_one(tmp_path: Path) -> None:
 
 
 def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(tmp_path: Path) -> None:
-    """`ppo.mixed_precision: bf16` through `accelerate launch` as the stage runs it (the launch flag says "no"; the
+    """`launch.mixed_precision: bf16` through `accelerate launch` as the stage runs it (the launch flag says "no"; the
     precision comes from params): the bf16-weights path applies, weights and AdamW state stay fp32, and the update
     points where the fp32 run's does."""
     workdir = build_workdir(tmp_path / "models")
@@ -228,7 +228,7 @@ def test_inverse_cdf_sampling_picks_the_first_token_whose_cumulative_probability
 
 
 def test_token_weight_makes_the_gradient_a_mean_over_the_global_minibatch_tokens() -> None:
-    from rlhf.ppo_trainer.processes import token_weight
+    from rlhf.distributed import token_weight
 
     # 2 processes × 2 micro-batches holding 3, 9, 6, 6 of 24 tokens: each micro-batch mean m_i enters as
     # m_i · weight_i / (N·G) = (sum_i / n_i) · (4 · n_i / 24) / 4 = sum_i / 24
@@ -237,7 +237,8 @@ def test_token_weight_makes_the_gradient_a_mean_over_the_global_minibatch_tokens
 
 
 def test_gathered_episodes_return_to_global_order() -> None:
-    from rlhf.ppo_trainer.processes import global_episode_order, shard_for_rank
+    from rlhf.distributed import shard_for_rank
+    from rlhf.ppo_trainer.processes import global_episode_order
 
     episodes = list(range(6))
     gathered = shard_for_rank(episodes, 0, 2) + shard_for_rank(episodes, 1, 2)  # [0, 2, 4, 1, 3, 5]
@@ -250,7 +251,7 @@ def test_a_launch_with_fewer_processes_than_ppo_num_processes_is_refused(tmp_pat
     from rlhf.config import ConfigError, PPOConfig
     from rlhf.ppo_trainer.processes import make_accelerator
 
-    with pytest.raises(ConfigError, match="ppo.num_processes is 2 but this process runs in a world of 1"):
+    with pytest.raises(ConfigError, match="ppo runs with num_processes 2 .* but this process runs in a world of 1"):
         make_accelerator(PPOConfig(num_processes=2, config_file=str(REPO / "configs/cpu-2proc.yaml")))
 
 

@@ -82,10 +82,16 @@ def test_renderer_for_uses_the_chat_template(tiny_tokenizer) -> None:
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
+    # "</s>" is plain text here: no end-of-turn token, so the response keeps everything the final turn adds
     records, _ = to_preference_records(ULTRAFEEDBACK_ROWS[:1], "uf", render=renderer_for(tiny_tokenizer))
-    # the response includes the end-of-turn marker the template adds, so SFT/PPO learn to stop
     assert records == [
         {"prompt": "<user>Is the sky blue?</s><assistant>", "chosen": "Yes, on a clear day.</s>", "rejected": "No.</s>"}
+    ]
+    # as a special token "</s>" ends the turn: the response stops before it, since the pipeline appends it as EOS
+    tiny_tokenizer.add_special_tokens({"eos_token": "</s>"})
+    records, _ = to_preference_records(ULTRAFEEDBACK_ROWS[:1], "uf", render=renderer_for(tiny_tokenizer))
+    assert records == [
+        {"prompt": "<user>Is the sky blue?</s><assistant>", "chosen": "Yes, on a clear day.", "rejected": "No."}
     ]
 
 

@@ -11,13 +11,13 @@ from accelerate.state import AcceleratorState
 
 from rlhf import embedded
 from rlhf.config import PPOConfig, TinyModelConfig
+from rlhf.distributed import shard_for_rank
 from rlhf.modeling import RewardNormalization, build_tiny_gpt2, load_scalar_model
 from rlhf.ppo_trainer.experience import add_advantages, collect_experience
 from rlhf.ppo_trainer.loop import train_ppo
 from rlhf.ppo_trainer.losses import ppo_minibatch_loss
 from rlhf.ppo_trainer.memory import Bf16Weights, policy_then_critic_backward
 from rlhf.ppo_trainer.models import PolicyAndCritic, PPOModels
-from rlhf.ppo_trainer.processes import shard_for_rank
 
 
 @pytest.fixture(scope="module")
