@@ -7,8 +7,8 @@
   :func:`gather_in_order` puts every rank's results back in the global order;
 - each micro-batch loss is weighted by :func:`token_weight`, so the gradient is the mean over all valid tokens (or
   rows) of the global batch whatever N and the accumulation steps;
-- :func:`full_parameters` gives whole weights while generating under FSDP, :func:`unwrapped_state` the whole trained
-  model on the main process, :func:`processes_of` the checkpoint manager's view of the ranks.
+- :func:`full_parameters` gives whole weights while generating under FSDP, :func:`processes_of` the checkpoint
+  manager's view of the ranks.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ def read_profile(config_file: str | Path, key: str = "launch.config_file") -> di
     if not path.is_file():
         raise ConfigError(f"params.yaml: {key} {str(path)!r} not found")
     return yaml.safe_load(path.read_text()) or {}
-
-
-def launch_profile_uses_cpu(config_file: str | Path, key: str = "launch.config_file") -> bool:
-    """Whether the accelerate launch profile asks for the CPU (``use_cpu: true``)."""
-    return bool(read_profile(config_file, key).get("use_cpu", False))
 
 
 SHARDED_TYPES = ("FSDP", "DEEPSPEED")  # profiles whose sharding only exists on GPUs under accelerate
@@ -157,17 +152,6 @@ def full_parameters(accelerator: Accelerator, module: nn.Module) -> Iterator[Non
 
         with FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=True):
             yield
-
-
-def unwrapped_state(accelerator: Accelerator, module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole state dict of a prepared ``module`` on the main process (None elsewhere).
-
-    Call it on every process: under FSDP gathering the full weights is a collective.
-    """
-    if accelerator.distributed_type == DistributedType.FSDP:
-        state = accelerator.get_state_dict(module)
-        return state if accelerator.is_main_process else None
-    return accelerator.unwrap_model(module).state_dict() if accelerator.is_main_process else None
 
 
 def processes_of(accelerator: Accelerator) -> Processes:

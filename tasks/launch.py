@@ -21,9 +21,8 @@ import shlex
 import subprocess
 import sys
 
-import yaml
-
 from rlhf.config import ConfigError, Launch
+from rlhf.distributed import read_profile
 from rlhf.params import load_params
 from tasks.stage_io import fail, refuse_bad_input
 
@@ -43,15 +42,6 @@ def accelerate_arguments(launch: Launch, module: str, arguments: list[str]) -> l
         module,
         *arguments,
     ]
-
-
-def machines_of(config_file: str) -> int:
-    """num_machines of an accelerate profile (1 when unset)."""
-    try:
-        profile = yaml.safe_load(open(config_file).read()) or {}
-    except OSError:
-        raise ConfigError(f"params.yaml: launch profile {config_file!r} not found (launch.config_file)") from None
-    return int(profile.get("num_machines", 1) or 1)
 
 
 def run_accelerate(arguments: list[str]) -> int:
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             launch = load_params().launch.for_stage(stage)
         except KeyError as error:
             raise ConfigError(f"{error.args[0]}; {USAGE}") from None
-        machines = machines_of(launch.config_file)
+        machines = int(read_profile(launch.config_file, "launch profile").get("num_machines", 1) or 1)
     command = accelerate_arguments(launch, module, arguments)
     shown = shlex.join(["accelerate", "launch", *command])
     print(f"launch: {shown}", file=sys.stderr, flush=True)
