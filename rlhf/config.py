@@ -138,6 +138,19 @@ class PPOConfig:
     kl_horizon: int = 10000  # adaptive: horizon in episodes
     missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
+    # --- the algorithm and its options (docs/design.md §4.8) ---
+    algorithm: str = "ppo"  # ppo | grpo | rloo | reinforce_pp (critic-free: no value model) | dpo (offline, `dpo:`)
+    group_size: int = 1  # K samples per prompt: rollout_batch_size / K prompts per iteration (grpo, rloo: ≥ 2)
+    group_std_normalise: bool = True  # grpo: divide by the group's std; false (+ seq-mean-token-sum-norm) = Dr. GRPO
+    kl_penalty: str = "reward"  # "reward": −β·KL_t in the reward (kl_estimator) | "loss": β·k3 in the policy loss
+    reward: str = "model"  # "model": the reward model | `module:callable` (prompt, response) -> float, a rule
+    clip_range_high: float | None = None  # ε_high of the surrogate's upper clip (DAPO clip-higher); null = clip_range
+    dual_clip: float = 0.0  # c > 1: a negative advantage's loss is bounded by −c·A (Ye et al. 2020); 0 = off
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (÷ response_length: Dr. GRPO)
+    loss_aggregation: str = "token-mean"
+    lam_critic: float | None = None  # GAE λ of the value targets (VAPO: 1.0); null = lam (the actor's λ)
+    critic_warmup_iterations: int = 0  # first N iterations train the critic only, the policy frozen (VC-PPO)
+    filter_uniform_groups: bool = False  # drop prompt groups whose K samples all score alike (DAPO); group_size ≥ 2
     # How this stage was launched: not keys of the ppo section but params.yaml's `launch`, resolved for ppo by
     # rlhf.params.load_params (LaunchConfig.for_stage("ppo")); kept here because the PPO engine reads them throughout.
     config_file: str = field(default="configs/cpu-1proc.yaml", metadata={"from": "launch"})
@@ -157,6 +170,9 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         choices = {
+            "algorithm": set(ALGORITHMS),
+            "kl_penalty": {"reward", "loss"},
+            "loss_aggregation": set(LOSS_AGGREGATIONS),
             "value_model": {"critic", "head"},
             "sampling_seeds": {"per_rank", "per_episode"},
             "mixed_precision": {"no", "bf16"},
@@ -171,6 +187,11 @@ class PPOConfig:
             raise ConfigError(
                 "params.yaml: ppo.num_processes must be ≥ 1, ppo.lora_rank ≥ 0 and ppo.snapshot_every ≥ 0"
             )
+
+    @property
+    def critic_free(self) -> bool:
+        """No value model: the baseline comes from the group (grpo, rloo) or the batch (reinforce_pp)."""
+        return self.algorithm in CRITIC_FREE_ALGORITHMS
 
     def derived(self, world_size: int) -> dict[str, int]:
         """Per-process sizes; every division must be exact.
@@ -191,6 +212,28 @@ class PPOConfig:
             "ppo.gradient_accumulation_steps",
         )
         return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
+
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")  # ppo.algorithm (docs/design.md §4.8)
+CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp")
+GROUP_ALGORITHMS = ("grpo", "rloo")  # their baseline is the other samples of the same prompt: group_size ≥ 2
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class DPOConfig:
+    """The `ppo` stage with ``ppo.algorithm: dpo``: offline DPO from the SFT model on data/preferences (§4.9)."""
+
+    loss: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+    beta: float = 0.1  # β: strength of the implicit KL to the SFT reference (IPO: the margin target is 1/(2β))
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): the share of labels assumed flipped, in [0, 0.5)
+    epochs: int = 1  # passes over the preference pairs
+    batch_size: int = 64  # pairs per step, over all processes
+    learning_rate: float = 1e-4  # peak AdamW learning rate (linear warm-up, linear decay)
+    warmup_steps: int = 20  # linear warm-up
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    gradient_accumulation_steps: int = 1  # micro-batches per step on each process
+    snapshot_every: int = 50  # policy snapshot every N steps (models/policy_checkpoints/step-N; 0 = the last only)
 
 
 MODEL_STAGES = ("sft", "sample_pairs", "reward", "ppo", "evaluate")  # the stages `accelerate launch` starts
@@ -300,6 +343,7 @@ class Params:
     label: LabelConfig = field(default_factory=LabelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 

@@ -25,7 +25,9 @@ from rlhf.config import (
     MIXED_PRECISIONS,
     MODEL_STAGES,
     SAMPLING_SEEDS,
+    GROUP_ALGORITHMS,
     ConfigError,
+    DPOConfig,
     LaunchConfig,
     LaunchOverride,
     Params,
@@ -175,6 +177,13 @@ POSITIVE = (  # must be > 0
     "ppo.kl_target",
     "ppo.kl_horizon",
     "ppo.lora_alpha",
+    "ppo.group_size",
+    "dpo.beta",
+    "dpo.epochs",
+    "dpo.batch_size",
+    "dpo.learning_rate",
+    "dpo.max_grad_norm",
+    "dpo.gradient_accumulation_steps",
     "evaluate.samples_per_prompt",
     "evaluate.temperature",
     "evaluate.max_new_tokens",
@@ -199,9 +208,13 @@ NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
     "sft.lora_rank",
     "reward.lora_rank",
     "ppo.resume_every",
+    "ppo.dual_clip",
+    "ppo.critic_warmup_iterations",
+    "dpo.warmup_steps",
+    "dpo.snapshot_every",
 )
 OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
-CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # in [0, 1]
+CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # ppo.lam_critic and dpo.label_smoothing: _algorithm_problems  # in [0, 1]
 AT_MOST_ONE = ("ppo.gamma",)  # a discount
 
 
@@ -247,6 +260,96 @@ def range_problems(params: Params) -> list[str]:
     ]
     problems += [f"{key} must be ≤ 1, got {_value(params, key)}" for key in AT_MOST_ONE if not _value(params, key) <= 1]
     return problems
+
+
+# ppo keys of the value model: idle under a critic-free algorithm (and DPO)
+CRITIC_KEYS = (
+    "ppo.vf_coef",
+    "ppo.clip_range_value",
+    "ppo.value_init",
+    "ppo.value_model",
+    "ppo.lam",
+    "ppo.lam_critic",
+    "ppo.critic_warmup_iterations",
+    "ppo.whiten_rewards",
+)
+# ppo keys of the RL loop (rollouts, surrogate, KL controller): idle under ppo.algorithm: dpo
+RL_KEYS = (
+    "ppo.iterations",
+    "ppo.rollout_batch_size",
+    "ppo.num_minibatches",
+    "ppo.ppo_epochs",
+    "ppo.learning_rate",
+    "ppo.anneal_lr",
+    "ppo.response_length",
+    "ppo.temperature",
+    "ppo.clip_range",
+    "ppo.ent_coef",
+    "ppo.kl_coef",
+    "ppo.kl_estimator",
+    "ppo.adaptive_kl",
+    "ppo.kl_target",
+    "ppo.missing_eos_score",
+    "ppo.group_size",
+    "ppo.kl_penalty",
+    "ppo.reward",
+    "ppo.clip_range_high",
+    "ppo.dual_clip",
+    "ppo.loss_aggregation",
+    "ppo.filter_uniform_groups",
+    "ppo.sampling_seeds",
+    "ppo.rollout_logprobs",
+    "ppo.snapshot_every",
+    "ppo.gradient_accumulation_steps",
+    "ppo.lora_rank",
+    "ppo.gradient_checkpointing",
+    "ppo.resume_every",
+)
+
+
+def _algorithm_problems(params: Params) -> list[tuple[bool, str]]:
+    """(ok, problem) for the algorithm's options that only make sense together (docs/design.md §4.8)."""
+    ppo, dpo = params.ppo, params.dpo
+    high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
+    return [
+        (
+            ppo.algorithm not in GROUP_ALGORITHMS or ppo.group_size >= 2,
+            f"ppo.group_size must be ≥ 2 for ppo.algorithm: {ppo.algorithm} (its baseline is the prompt's other "
+            f"samples), got {ppo.group_size}",
+        ),
+        (
+            ppo.rollout_batch_size % max(ppo.group_size, 1) == 0,
+            f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by ppo.group_size "
+            f"({ppo.group_size}): each prompt is sampled group_size times",
+        ),
+        (
+            not ppo.filter_uniform_groups or ppo.group_size >= 2,
+            "ppo.filter_uniform_groups needs ppo.group_size ≥ 2 (a group of one always scores alike)",
+        ),
+        (high > 0, f"ppo.clip_range_high must be > 0 or null, got {ppo.clip_range_high}"),
+        (
+            ppo.dual_clip == 0 or ppo.dual_clip > 1,
+            f"ppo.dual_clip must be 0 (off) or > 1 (the bound −c·A on a negative advantage's loss), got {ppo.dual_clip}",
+        ),
+        (
+            ppo.lam_critic is None or 0 <= ppo.lam_critic <= 1,
+            f"ppo.lam_critic must be between 0 and 1 or null, got {ppo.lam_critic}",
+        ),
+        (
+            ppo.critic_warmup_iterations < ppo.iterations or ppo.algorithm == "dpo",
+            f"ppo.critic_warmup_iterations ({ppo.critic_warmup_iterations}) must be below ppo.iterations "
+            f"({ppo.iterations}), or the policy never trains",
+        ),
+        (dpo.loss in ("sigmoid", "ipo"), f"dpo.loss must be sigmoid or ipo, got {dpo.loss!r}"),
+        (
+            0 <= dpo.label_smoothing < 0.5,
+            f"dpo.label_smoothing must be in [0, 0.5) (the share of labels assumed flipped), got {dpo.label_smoothing}",
+        ),
+        (
+            dpo.loss == "sigmoid" or dpo.label_smoothing == 0,
+            "dpo.label_smoothing applies to dpo.loss: sigmoid only (conservative DPO); set it to 0 for ipo",
+        ),
+    ]
 
 
 # Keys that apply in one mode only: (keys, in effect?, the mode that makes them idle, how to make them count).
@@ -303,6 +406,30 @@ MODE_KEYS: tuple[tuple[tuple[str, ...], Callable[[Params], bool], Callable[[Para
             f"set {stage}.lora_rank > 0",
         )
         for stage in ("sft", "reward", "ppo")
+    ),
+    (
+        CRITIC_KEYS,
+        lambda p: not p.ppo.critic_free and p.ppo.algorithm != "dpo",
+        lambda p: f"ppo.algorithm is {p.ppo.algorithm!r}, which trains no value model",
+        "set ppo.algorithm: ppo",
+    ),
+    (
+        ("ppo.group_std_normalise",),
+        lambda p: p.ppo.algorithm == "grpo",
+        lambda p: f"ppo.algorithm is {p.ppo.algorithm!r} (it applies to grpo only)",
+        "set ppo.algorithm: grpo",
+    ),
+    (
+        RL_KEYS,
+        lambda p: p.ppo.algorithm != "dpo",
+        lambda p: "ppo.algorithm is 'dpo', which samples nothing and reads the dpo section",
+        "choose an RL ppo.algorithm (ppo, grpo, rloo, reinforce_pp)",
+    ),
+    (
+        tuple(f"dpo.{item.name}" for item in dataclasses.fields(DPOConfig)),
+        lambda p: p.ppo.algorithm == "dpo",
+        lambda p: f"ppo.algorithm is {p.ppo.algorithm!r} (the dpo section applies to ppo.algorithm: dpo only)",
+        "set ppo.algorithm: dpo",
     ),
     (
         ("ppo.kl_horizon",),
@@ -374,6 +501,7 @@ def _validate(params: Params, where: str) -> None:
         for stage in ("sample_pairs", "evaluate")
     ]
     checks += launch_problems(params.launch)
+    checks += _algorithm_problems(params)
     problems = [problem for ok, problem in checks if not ok] + idle_key_problems(params) + range_problems(params)
     if problems:
         raise ConfigError(
