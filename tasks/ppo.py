@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         argv, "accelerate launch … -m tasks.ppo", "sft reward prompts preferences out snapshots metrics history"
     )
     with refuse_bad_input():
-        if load_params().ppo.algorithm == "dpo":  # the offline alternative: same inputs and outputs (tasks/dpo.py)
-            from tasks import dpo
-
-            return dpo.main(args)  # cheap checks only (params, prompts, model folders, tokenizers), before any model loads
         params = load_params()
+    if params.ppo.algorithm == "dpo":  # the offline alternative: same stage, inputs and outputs (tasks/dpo.py)
+        from tasks import dpo
+
+        return dpo.main(args, params)
+    with refuse_bad_input():  # cheap checks only (params, prompts, model folders, tokenizers), before any model loads
         config = params.ppo
         prompts = read_records(args.prompts, data.validate_prompts)
         for folder in (args.sft, args.reward):
