@@ -138,7 +138,7 @@ class PPOConfig:
     kl_horizon: int = 10000  # adaptive: horizon in episodes
     missing_eos_score: float = -3.0  # EOS trick: score given to responses that never emit EOS (normalised RM units)
     value_init: str = "reward"  # value head initialised from the reward model's head ("reward") or zero ("zero")
-    # --- the algorithm and its options (docs/design.md §4.8) ---
+    # --- the algorithm and its options (docs/design.md §4b) ---
     algorithm: str = "ppo"  # ppo | grpo | rloo | reinforce_pp (critic-free: no value model) | dpo (offline, `dpo:`)
     group_size: int = 1  # K samples per prompt: rollout_batch_size / K prompts per iteration (grpo, rloo: ≥ 2)
     group_std_normalise: bool = True  # grpo: divide by the group's std; false (+ seq-mean-token-sum-norm) = Dr. GRPO
@@ -214,7 +214,7 @@ class PPOConfig:
         return {"local_batch_size": local_batch, "local_minibatch_size": minibatch, "micro_batch_size": micro_batch}
 
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")  # ppo.algorithm (docs/design.md §4.8)
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")  # ppo.algorithm (docs/design.md §4b)
 CRITIC_FREE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp")
 GROUP_ALGORITHMS = ("grpo", "rloo")  # their baseline is the other samples of the same prompt: group_size ≥ 2
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -222,7 +222,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", 
 
 @dataclass
 class DPOConfig:
-    """The `ppo` stage with ``ppo.algorithm: dpo``: offline DPO from the SFT model on data/preferences (§4.9)."""
+    """The `ppo` stage with ``ppo.algorithm: dpo``: offline DPO from the SFT model on data/preferences (§4b)."""
 
     loss: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
     beta: float = 0.1  # β: strength of the implicit KL to the SFT reference (IPO: the margin target is 1/(2β))

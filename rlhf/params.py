@@ -22,10 +22,10 @@ from typing import Any
 import yaml
 
 from rlhf.config import (
+    GROUP_ALGORITHMS,
     MIXED_PRECISIONS,
     MODEL_STAGES,
     SAMPLING_SEEDS,
-    GROUP_ALGORITHMS,
     ConfigError,
     DPOConfig,
     LaunchConfig,
@@ -214,7 +214,10 @@ NON_NEGATIVE = (  # must be ≥ 0 (0 often means "all" or "off")
     "dpo.snapshot_every",
 )
 OPEN_FRACTIONS = ("prepare.eval_fraction", "label.eval_fraction")  # in (0, 1)
-CLOSED_FRACTIONS = ("label.flip_prob", "ppo.lam")  # ppo.lam_critic and dpo.label_smoothing: _algorithm_problems  # in [0, 1]
+CLOSED_FRACTIONS = (
+    "label.flip_prob",
+    "ppo.lam",
+)  # ppo.lam_critic and dpo.label_smoothing: _algorithm_problems  # in [0, 1]
 AT_MOST_ONE = ("ppo.gamma",)  # a discount
 
 
@@ -308,7 +311,7 @@ RL_KEYS = (
 
 
 def _algorithm_problems(params: Params) -> list[tuple[bool, str]]:
-    """(ok, problem) for the algorithm's options that only make sense together (docs/design.md §4.8)."""
+    """(ok, problem) for the algorithm's options that only make sense together (docs/design.md §4b)."""
     ppo, dpo = params.ppo, params.dpo
     high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
     return [
@@ -329,7 +332,7 @@ def _algorithm_problems(params: Params) -> list[tuple[bool, str]]:
         (high > 0, f"ppo.clip_range_high must be > 0 or null, got {ppo.clip_range_high}"),
         (
             ppo.dual_clip == 0 or ppo.dual_clip > 1,
-            f"ppo.dual_clip must be 0 (off) or > 1 (the bound −c·A on a negative advantage's loss), got {ppo.dual_clip}",
+            f"ppo.dual_clip must be 0 (off) or > 1 (bounds a negative advantage's loss at −c·A), got {ppo.dual_clip}",
         ),
         (
             ppo.lam_critic is None or 0 <= ppo.lam_critic <= 1,

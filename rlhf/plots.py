@@ -23,7 +23,11 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float]:
 
 
 def plot_ppo_training(history: list[dict[str, str]], path: Path) -> None:
-    """RM score (objective/scores) and sequence KL (objective/kl) over PPO iterations, from plots/ppo.csv."""
+    """RM score (objective/scores) and sequence KL (objective/kl) over PPO iterations, from plots/ppo.csv (a DPO
+    history, ``ppo.algorithm: dpo``, has neither: :func:`plot_dpo_training`)."""
+    if history and "dpo/loss" in history[0]:
+        plot_dpo_training(history, path)
+        return
     plt = _pyplot()
     steps = _column(history, "step")
     figure, (score_axis, kl_axis) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
@@ -33,6 +37,27 @@ def plot_ppo_training(history: list[dict[str, str]], path: Path) -> None:
     score_axis.legend()
     kl_axis.plot(steps, _column(history, "objective/kl"), color="tab:red")
     kl_axis.set(xlabel="PPO iteration", ylabel="nats per sequence", title="KL(π ‖ π_SFT)")
+    _save(figure, path)
+
+
+def plot_dpo_training(history: list[dict[str, str]], path: Path) -> None:
+    """Implicit rewards β·log(π/π_ref) of the chosen and rejected responses and their margin, and the preference
+    accuracy (train batch; held-out where evaluated), over DPO steps, from plots/ppo.csv."""
+    plt = _pyplot()
+    steps = _column(history, "step")
+    figure, (reward_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
+    for name, label in (("chosen", "chosen"), ("rejected", "rejected"), ("margin", "margin (chosen − rejected)")):
+        reward_axis.plot(steps, _column(history, f"dpo/rewards/{name}"), label=label)
+    reward_axis.set(xlabel="DPO step", ylabel="β·log(π/π_SFT), nats", title="Implicit reward (train batch)")
+    reward_axis.legend()
+    accuracy_axis.plot(steps, _column(history, "dpo/accuracy"), label="train batch", alpha=0.6)
+    evaluated = [row for row in history if row.get("eval/accuracy") not in (None, "")]
+    if evaluated:
+        accuracy_axis.plot(
+            _column(evaluated, "step"), _column(evaluated, "eval/accuracy"), marker="o", label="held-out pairs"
+        )
+    accuracy_axis.set(xlabel="DPO step", ylabel="share of pairs", title="Preference accuracy (margin > 0)")
+    accuracy_axis.legend()
     _save(figure, path)
 
 

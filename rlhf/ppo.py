@@ -347,48 +347,124 @@ def gae_advantages(
 # --- Losses ------------------------------------------------------------------------------------------------------
 
 
-def clipped_surrogate_objective(ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
-    """Elementwise PPO clipped objective ``min(r·A, clip(r, 1 − ε, 1 + ε)·A)`` (Schulman et al. 2017, eq. 7).
+def clipped_surrogate_objective(
+    ratio: Tensor, advantages: Tensor, clip_range: float, clip_range_high: float | None = None, dual_clip: float = 0.0
+) -> Tensor:
+    """Elementwise PPO clipped objective ``min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A)`` (Schulman et al. 2017, eq. 7).
 
-    The pessimistic minimum removes any incentive to move the ratio beyond ``1 ± ε`` in the direction that
+    The pessimistic minimum removes any incentive to move the ratio beyond the clip range in the direction that
     helps. This is the objective (to maximise), not a loss. Any shape; e.g. ``(b, t)``.
+
+    Args:
+        clip_range: ε_low (and ε_high when ``clip_range_high`` is None).
+        clip_range_high: ε_high, the upper clip alone ("clip-higher", DAPO: Yu et al. 2025, arXiv:2503.14476;
+            ε_high = 0.28 leaves low-probability tokens room to grow, against entropy collapse).
+        dual_clip: c > 1 bounds the objective of a negative advantage from below at ``c·A`` (dual-clip PPO, Ye et
+            al. 2020, "Mastering Complex Control in MOBA Games"): with A < 0 and r ≫ 1 the loss ``−r·A`` would be
+            unbounded; 0 = off.
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    return torch.minimum(unclipped, clipped)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    return objective
+
+
+LossAggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def aggregate_loss(values: Tensor, mask: Tensor, mode: LossAggregation = "token-mean", horizon: int = 1) -> Tensor:
+    """A scalar loss from per-token terms (verl's ``loss_agg_mode``; docs/design.md §4b).
+
+    Args:
+        values: ``(b, t)`` per-token loss terms.
+        mask: ``(b, t)``.
+        mode: ``"token-mean"``: Σ values / Σ tokens, every token weighs the same (DAPO, VAPO; PPO's default);
+            ``"seq-mean-token-mean"``: the mean over sequences of each sequence's token mean (GRPO as published:
+            a token of a short response weighs more); ``"seq-mean-token-sum"``: the mean over sequences of each
+            sequence's token sum; ``"seq-mean-token-sum-norm"``: the same divided by the constant ``horizon``
+            (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783: no per-response length normalisation, so no length bias).
+        horizon: the response length cap, for ``seq-mean-token-sum-norm``.
+
+    Sequences without a valid token (e.g. a filtered group) are left out of the sequence means; all-empty gives 0.
+    """
+    if mode == "token-mean":
+        return masked_mean(values, mask)
+    sequences = mask.bool().any(-1)
+    if mode == "seq-mean-token-mean":
+        per_sequence = masked_mean(values, mask, dim=-1)
+    elif mode == "seq-mean-token-sum":
+        per_sequence = masked_sum(values.to(_stat_dtype(values)), mask, dim=-1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_sequence = masked_sum(values.to(_stat_dtype(values)), mask, dim=-1) / horizon
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return masked_mean(per_sequence, sequences)
+
+
+def loss_units(mask: Tensor, mode: LossAggregation) -> int:
+    """What :func:`aggregate_loss` averages over: valid tokens (token-mean) or sequences with a valid token.
+
+    The micro-batch weights of a minibatch are shares of these units, so that the summed gradient is the
+    minibatch's own aggregate whatever the micro-batching (rlhf.distributed.token_weight)."""
+    mask = mask.bool()
+    return int(mask.sum()) if mode == "token-mean" else int(mask.any(-1).sum())
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip_range: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
+    dual_clip: float = 0.0,
+    aggregation: LossAggregation = "token-mean",
+    horizon: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO policy loss: the negated clipped surrogate, averaged over valid tokens.
+    """PPO policy loss: the negated clipped surrogate, aggregated over valid tokens (:func:`aggregate_loss`).
 
     Args:
         logprobs: ``(b, t)`` log-probs under the current policy (with gradient).
         old_logprobs: ``(b, t)`` log-probs at rollout time.
         advantages: ``(b, t)``, usually whitened.
         response_mask: ``(b, t)``.
-        clip_range: ε.
+        clip_range, clip_range_high, dual_clip: see :func:`clipped_surrogate_objective`.
+        aggregation, horizon: see :func:`aggregate_loss`.
 
     Returns:
         The scalar loss, and detached stats: ``clipfrac`` (share of valid tokens where the clipped term is the
-        active, strictly smaller one), ``approxkl`` (``0.5·mean((log π − log π_old)²)``, as in Huang et al.
-        2023) and ``ratio_mean``.
+        active, strictly smaller one), ``dual_clipfrac`` (share where the dual clip's bound is active),
+        ``approxkl`` (``0.5·mean((log π − log π_old)²)``, as in Huang et al. 2023) and ``ratio_mean``.
     """
     mask = response_mask.bool()
     # Zero the log-ratio at padding *before* exp: exp(garbage) = inf would turn masked gradients into nan.
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
-    objective = clipped_surrogate_objective(ratio, advantages, clip_range)
-    loss = -masked_mean(objective, mask)
+    objective = clipped_surrogate_objective(ratio, advantages, clip_range, clip_range_high, dual_clip)
+    loss = -aggregate_loss(objective, mask, aggregation, horizon)
     with torch.no_grad():
-        clipped_is_active = objective < ratio * advantages
+        unclipped = ratio * advantages
+        single_clipped = clipped_surrogate_objective(ratio, advantages, clip_range, clip_range_high)
         stats = {
-            "clipfrac": masked_mean(clipped_is_active.to(ratio.dtype), mask),
+            "clipfrac": masked_mean((single_clipped < unclipped).to(ratio.dtype), mask),
+            "dual_clipfrac": masked_mean((objective > single_clipped).to(ratio.dtype), mask),
             "approxkl": 0.5 * masked_mean(log_ratio.square(), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+K3_CLAMP = 10.0  # verl clamps its low-variance KL to [−10, 10] after NaN reports (verl#751, PR #1779)
+
+
+def kl_loss_per_token(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``(b, t)`` k3 estimate of KL(π ‖ π_ref), differentiable in ``logprobs``, clamped to ±K3_CLAMP: the KL as a
+    loss term (GRPO, Shao et al. 2024) instead of a reward penalty. k3 rather than k1: k1's gradient as a loss is
+    biased (arXiv:2506.09477); the clamp bounds exp(log π_ref − log π) when a token's probability collapses."""
+    return kl_per_token(logprobs, ref_logprobs, "k3").clamp(-K3_CLAMP, K3_CLAMP)
 
 
 def value_loss(

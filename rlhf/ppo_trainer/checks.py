@@ -43,6 +43,8 @@ def check_rollout(batch: Experience, iteration: int, config: PPOConfig) -> None:
         hint = (
             "the reward model (models/reward) scored a response NaN/inf: "
             "check models/reward/reward_normalization.json and rerun the reward stage"
+            if config.reward == "model"
+            else f"the rule ppo.reward = {config.reward!r} returned NaN/inf for a response: make it return finite floats"
         )
         raise NonFiniteIteration(iteration, *scores, hint, "before the optimiser steps")
     found = first_non_finite(
@@ -71,7 +73,8 @@ def check_update(record: dict, module: nn.Module, iteration: int, config: PPOCon
     found = first_non_finite(
         **{
             name.removeprefix("ppo/loss/") + "_loss": record[name]
-            for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value")
+            for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/kl")
+            if name in record  # no value loss without a value model, a KL loss only with kl_penalty: loss
         }
     )
     if not found:

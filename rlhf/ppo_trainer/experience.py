@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from rlhf import advantages as estimators
 from rlhf import ppo
 from rlhf.config import PPOConfig
 from rlhf.distributed import full_parameters, shard_for_rank
@@ -22,10 +23,13 @@ from rlhf.sampling import sample
 def iteration_prompts(
     prompts: list[str], config: PPOConfig, streams: dict[str, torch.Generator], rank: int, world_size: int
 ) -> tuple[list[str], torch.Tensor | None]:
-    """Step 1: the global batch of prompts (no prompt twice), drawn from the stream all ranks share, and this rank's
-    episodes r, r+N, … of it; with ``sampling_seeds: per_episode`` also their (b, t) sampling uniforms."""
-    batch_index = torch.randperm(len(prompts), generator=streams["prompts"])[: config.rollout_batch_size].tolist()
-    local_prompts = shard_for_rank([prompts[i] for i in batch_index], rank, world_size)
+    """Step 1: the global batch, drawn from the stream all ranks share: rollout_batch_size / K distinct prompts, each
+    K = ``group_size`` times in a row (prompt-major: episodes g·K … g·K + K − 1 are prompt g's group), and this
+    rank's episodes r, r+N, … of it; with ``sampling_seeds: per_episode`` also their (b, t) sampling uniforms."""
+    n_prompts = config.rollout_batch_size // config.group_size
+    batch_index = torch.randperm(len(prompts), generator=streams["prompts"])[:n_prompts].tolist()
+    episodes = [prompts[i] for i in batch_index for _ in range(config.group_size)]
+    local_prompts = shard_for_rank(episodes, rank, world_size)
     uniforms = None
     if config.sampling_seeds == "per_episode":
         uniforms = shard_for_rank(
@@ -143,15 +147,22 @@ def collect_experience(
             logprobs, values = policy_logprobs_and_values(trainable, *args, config.temperature)
         else:
             logprobs = sampled_logprobs[rows, :columns]
-            values = (
-                sampled_values[rows, :columns]
-                if sampled_values is not None
-                else response_values(trainable.critic, *args)
-            )
+            values = None  # critic-free: no value model
+            if sampled_values is not None:
+                values = sampled_values[rows, :columns]
+            elif getattr(trainable, "critic", None) is not None:
+                values = response_values(trainable.critic, *args)
         parts["logprobs"].append(logprobs)
-        parts["values"].append(values)
+        parts["values"].append(values if values is not None else torch.zeros_like(logprobs))
         parts["ref_logprobs"].append(reference_logprobs(models, trainable.policy, *args, config.temperature))
-        parts["scores"].append(reward_scores(models.reward_model, models.reward_normalization, *args))
+        if models.reward_rule is None:
+            parts["scores"].append(reward_scores(models.reward_model, models.reward_normalization, *args))
+    if models.reward_rule is not None:  # a rule scores the text: (prompt, response) -> float, checked in check_rollout
+        texts = tokenizer.batch_decode(
+            responses.masked_fill(~response_mask, tokenizer.pad_token_id).cpu(), skip_special_tokens=True
+        )
+        rule_scores = [float(models.reward_rule(prompt, text)) for prompt, text in zip(prompts, texts)]
+        parts["scores"] = [torch.tensor(rule_scores, device=device)]
     merged = {name: torch.cat(tensors).float() for name, tensors in parts.items()}
     mask = response_mask.float()
     scores = torch.where(contains_eos, merged["scores"], torch.full_like(merged["scores"], config.missing_eos_score))
@@ -171,22 +182,72 @@ def collect_experience(
 def add_advantages(
     experience: Experience, config: PPOConfig, kl_coef: float, all_reduce_sum: ppo.AllReduceSum
 ) -> Experience:
-    """Steps 5–6: per-token rewards (−β·KL, RM score at the last real token), GAE, whitened advantages."""
+    """Steps 5–6 of PPO: per-token rewards (−β·KL, RM score at the last real token), GAE, whitened advantages.
+
+    On this process's episodes; the whitening statistics are global (``all_reduce_sum``). With ``lam_critic`` the
+    value targets come from a second GAE with their own λ (VAPO: λ_critic = 1 gives unbiased returns for the
+    critic while the actor keeps λ < 1's lower variance)."""
     mask = experience.response_mask
     rewards, kl, _ = ppo.compute_rewards(
-        experience.scores, experience.logprobs, experience.ref_logprobs, mask, kl_coef, config.kl_estimator
+        experience.scores,
+        experience.logprobs,
+        experience.ref_logprobs,
+        mask,
+        reward_kl_coef(config, kl_coef),
+        config.kl_estimator,
     )
     if config.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=all_reduce_sum)
     advantages, returns = ppo.gae_advantages(rewards, experience.values, mask, config.gamma, config.lam)
+    if config.lam_critic is not None and config.lam_critic != config.lam:
+        _, returns = ppo.gae_advantages(rewards, experience.values, mask, config.gamma, config.lam_critic)
     experience.rewards, experience.kl, experience.returns = rewards, kl, returns
     experience.advantages = ppo.masked_whiten(advantages, mask, all_reduce_sum=all_reduce_sum)
     return experience
 
 
-def rollout_metrics(batch: Experience, kl_coef: float) -> dict[str, float]:
-    """Metrics of the global rollout batch, with the field's usual names (logged with step 8)."""
+def reward_kl_coef(config: PPOConfig, kl_coef: float) -> float:
+    """β of the KL penalty in the reward: the controller's, or 0 when the KL is a loss term (``kl_penalty: loss``)."""
+    return kl_coef if config.kl_penalty == "reward" else 0.0
+
+
+def add_critic_free_advantages(batch: Experience, config: PPOConfig, kl_coef: float) -> Experience:
+    """Steps 5–6 of grpo, rloo and reinforce_pp on the GATHERED global batch (the groups and the batch statistics
+    span processes; every rank computes the same numbers). Values and returns are 0: there is no value model."""
+    mask = batch.response_mask
+    beta = reward_kl_coef(config, kl_coef)
+    rewards, kl, _ = ppo.compute_rewards(
+        batch.scores, batch.logprobs, batch.ref_logprobs, mask, beta, config.kl_estimator
+    )
+    if config.algorithm == "reinforce_pp":
+        advantages = estimators.reinforce_pp_advantages(rewards, mask, config.gamma)
+    else:
+        sequence = estimators.sequence_rewards(batch.scores, kl, mask, beta)
+        if config.algorithm == "grpo":
+            sequence_advantages = estimators.grpo_advantages(sequence, config.group_size, config.group_std_normalise)
+        else:
+            sequence_advantages = estimators.rloo_advantages(sequence, config.group_size)
+        advantages = estimators.per_token(sequence_advantages, mask)
+    batch.rewards, batch.kl, batch.advantages = rewards, kl, advantages
+    batch.returns = torch.zeros_like(advantages)
+    return batch
+
+
+def without_uniform_groups(batch: Experience, group_size: int) -> tuple[Experience, float]:
+    """The batch for the update with the episodes of groups that all scored alike masked out (``filter_uniform_groups``,
+    DAPO), and the share of groups dropped. The rows stay (shapes and the minibatch cuts do not change) with no
+    valid token, so they add nothing to any loss or weight."""
+    alike = estimators.uniform_groups(batch.scores, group_size)
+    kept = Experience(**vars(batch))
+    kept.response_mask = batch.response_mask & ~alike.unsqueeze(-1)
+    return kept, float(alike.float().mean())
+
+
+def rollout_metrics(batch: Experience, kl_coef: float, group_size: int = 1) -> dict[str, float]:
+    """Metrics of the global rollout batch, with the field's usual names (logged with step 8); with groups also the
+    share of distinct responses within a prompt's group (1 = all K differ; mode collapse drives it towards 1/K)."""
     mask = batch.response_mask.float()
+    extra = {"rollout/group_distinct": group_distinct(batch.responses, group_size)} if group_size > 1 else {}
     sequence_kl = float((batch.kl * mask).sum(1).mean())
     scores_mean = float(batch.scores.mean())
     non_score = float(-kl_coef * sequence_kl)
@@ -202,4 +263,12 @@ def rollout_metrics(batch: Experience, kl_coef: float) -> dict[str, float]:
         "rollout/query_length": batch.query_ids.shape[1],  # padded columns: what the forwards process
         "rollout/response_columns": batch.responses.shape[1],
         "rollout/generated_tokens": batch.responses.numel(),  # sampled tokens, EOS-ended rows included
+        **extra,
     }
+
+
+def group_distinct(responses: torch.Tensor, group_size: int) -> float:
+    """Mean over groups of (distinct responses in the group) / K; ``responses`` (b, t) with pad after the EOS."""
+    rows = [tuple(row) for row in responses.tolist()]
+    groups = [rows[start : start + group_size] for start in range(0, len(rows), group_size)]
+    return sum(len(set(group)) for group in groups) / (len(groups) * group_size)

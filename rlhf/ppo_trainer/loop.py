@@ -36,7 +36,14 @@ from rlhf.checkpoint import ResumeCheckpoints
 from rlhf.config import PPOConfig
 from rlhf.distributed import reduce_means
 from rlhf.ppo_trainer.checks import check_rollout, check_update
-from rlhf.ppo_trainer.experience import add_advantages, iteration_prompts, roll_out, rollout_metrics
+from rlhf.ppo_trainer.experience import (
+    add_advantages,
+    add_critic_free_advantages,
+    iteration_prompts,
+    roll_out,
+    rollout_metrics,
+    without_uniform_groups,
+)
 from rlhf.ppo_trainer.models import PPOModels
 from rlhf.ppo_trainer.optimise import PreparedTraining, anneal_learning_rate, optimise, prepare_training
 from rlhf.ppo_trainer.processes import gather_experience
@@ -80,8 +87,11 @@ def train_ppo(
     """
     world_size, rank = accelerator.num_processes, accelerator.process_index
     config.derived(world_size)  # every per-process size divides exactly (a ConfigError before any work)
-    if len(prompts) < config.rollout_batch_size:
-        raise ValueError(f"{len(prompts)} prompts cannot fill ppo.rollout_batch_size={config.rollout_batch_size}")
+    if len(prompts) < config.rollout_batch_size // config.group_size:
+        raise ValueError(
+            f"{len(prompts)} prompts cannot fill ppo.rollout_batch_size={config.rollout_batch_size} "
+            f"with ppo.group_size={config.group_size} samples per prompt"
+        )
     all_reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if world_size > 1 else None
     prepared = prepared or prepare_training(models, config, accelerator)
     kl_controller = ppo.make_kl_controller(config.kl_coef, config.adaptive_kl, config.kl_target, config.kl_horizon)
@@ -96,15 +106,25 @@ def train_ppo(
         # 2. generate, 3. truncate after EOS, 4. score: old log-probs, reference log-probs, values, RM scores
         experience = roll_out(models, prepared.module, local_prompts, uniforms, config, accelerator)
         timings["timing/rollout"] = time.perf_counter() - started
-        # 5. rewards and 6. advantages (whitening statistics global across processes); then the global batch everywhere
+        # 5. rewards and 6. advantages, then the global batch everywhere. PPO: GAE on this rank's episodes (whitening
+        # statistics global across processes); critic-free: on the gathered batch, whose groups span processes
         kl_coef = kl_controller.value
-        experience = add_advantages(experience, config, kl_coef, all_reduce_sum)
-        batch = gather_experience(experience, accelerator, models.tokenizer.pad_token_id)
+        if config.critic_free:
+            batch = gather_experience(experience, accelerator, models.tokenizer.pad_token_id)
+            batch = add_critic_free_advantages(batch, config, kl_coef)
+        else:
+            experience = add_advantages(experience, config, kl_coef, all_reduce_sum)
+            batch = gather_experience(experience, accelerator, models.tokenizer.pad_token_id)
         check_rollout(batch, iteration + 1, config)
-        # 7. K epochs of minibatch updates. optimise() picks each micro-batch's backward: on one process with a lean
-        # policy + critic (the default) memory.policy_then_critic_backward, else losses.ppo_minibatch_loss's joint one
+        update_batch, filtered = batch, None
+        if config.filter_uniform_groups:  # DAPO: groups whose samples all scored alike carry no signal
+            update_batch, filtered = without_uniform_groups(batch, config.group_size)
+        # 7. K epochs of minibatch updates (the policy frozen during critic warm-up). optimise() picks each
+        # micro-batch's backward: on one process with a lean policy + critic (the default)
+        # memory.policy_then_critic_backward, else losses.ppo_minibatch_loss's joint one
         optimise_started = time.perf_counter()
-        step_stats = optimise(prepared, batch, config, accelerator, streams["shuffle"])
+        train_policy = iteration >= config.critic_warmup_iterations
+        step_stats = optimise(prepared, update_batch, config, accelerator, streams["shuffle"], kl_coef, train_policy)
         timings["timing/optimise"] = time.perf_counter() - optimise_started
         # 8. the adaptive KL controller, on the global batch's mean sequence KL
         record = {
@@ -112,7 +132,9 @@ def train_ppo(
             "total": config.iterations,
             "episodes": (iteration + 1) * config.rollout_batch_size,
         }
-        record.update(rollout_metrics(batch, kl_coef))
+        record.update(rollout_metrics(batch, kl_coef, config.group_size))
+        if filtered is not None:
+            record["rollout/filtered_groups"] = filtered
         kl_controller.update(record["objective/kl"], config.rollout_batch_size)
         # 9. metrics: optimisation statistics averaged over processes (one collective), then the update's own checks
         record["lr"] = prepared.optimizer.param_groups[0]["lr"]

@@ -36,23 +36,25 @@ def policy_then_critic_backward(
     module: PolicyAndCritic,
     batch: Experience,
     config: PPOConfig,
-    weight: float,
+    weights: tuple[float, float],
     accelerator: Accelerator,
     bf16_weights: Bf16Weights | None,
+    kl_coef: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch's forward and backward on one process: the policy's, then the critic's.
 
     The loss is a sum of a policy term and a critic term over disjoint parameters, so the gradients equal those of
     :func:`~rlhf.ppo_trainer.losses.ppo_minibatch_loss`'s one backward; but the policy's activations (and under
     bf16 its bf16 weight copies) are freed before the critic's forward, which lowers the peak memory of a step by
-    about one model's share (19 M bench model, bf16: see docs/performance.md). Returns the same statistics.
+    about one model's share (19 M bench model, bf16: see docs/performance.md). ``weights`` = (policy, value)
+    micro-batch weights. Returns the same statistics.
     """
     input_ids, attention_mask = model_inputs(batch)
     start = batch.query_ids.shape[1]
     losses, stats = [], {}
-    for part, forward, side_loss in (
-        (module.policy, module.policy_logits, policy_side_loss),
-        (module.critic, module.critic_values, value_side_loss),
+    for part, forward, side_loss, weight in (
+        (module.policy, module.policy_logits, lambda *a: policy_side_loss(*a, kl_coef), weights[0]),
+        (module.critic, module.critic_values, value_side_loss, weights[1]),
     ):
         if bf16_weights is not None:
             bf16_weights.compute(part)

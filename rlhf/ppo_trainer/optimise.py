@@ -10,9 +10,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from rlhf import ppo
 from rlhf.config import PPOConfig
-from rlhf.distributed import shard_for_rank, token_weight
-from rlhf.ppo_trainer.losses import ppo_minibatch_loss
+from rlhf.distributed import shard_for_rank
+from rlhf.ppo_trainer.losses import micro_batch_weights, ppo_minibatch_loss
 from rlhf.ppo_trainer.memory import Bf16Weights, policy_then_critic_backward, separate_backward_applies
 from rlhf.ppo_trainer.models import PPOModels, trainable_module
 from rlhf.rollout import Experience
@@ -72,6 +73,8 @@ def optimise(
     config: PPOConfig,
     accelerator: Accelerator,
     shuffle_generator: torch.Generator,
+    kl_coef: float = 0.0,
+    train_policy: bool = True,
 ) -> dict[str, list[torch.Tensor]]:
     """Step 7: K epochs over global minibatches of ``batch`` (gathered rollout batch); returns per-micro-batch stats.
 
@@ -80,37 +83,41 @@ def optimise(
     Each micro-batch takes one of two equivalent backward paths: on one process with a lean policy + critic (the
     default single-process setup) :func:`~rlhf.ppo_trainer.memory.policy_then_critic_backward`, otherwise the joint
     backward of :func:`~rlhf.ppo_trainer.losses.ppo_minibatch_loss`; under single-process bf16 the optimiser steps
-    through :class:`~rlhf.ppo_trainer.memory.Bf16Weights`.
+    through :class:`~rlhf.ppo_trainer.memory.Bf16Weights`. ``kl_coef``: β of the KL loss term (``kl_penalty:
+    loss``). ``train_policy=False`` (critic warm-up): the policy's gradients are dropped before every step, so
+    AdamW leaves its weights and moments untouched and only the value model learns.
     """
     world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    accumulation = config.gradient_accumulation_steps
     minibatch_size = config.rollout_batch_size // config.num_minibatches
-    micro_size = minibatch_size // world_size // accumulation
+    micro_size = minibatch_size // world_size // config.gradient_accumulation_steps
     trainable, optimizer, bf16_weights = prepared.module, prepared.optimizer, prepared.bf16_weights
     trainable.train()
-    valid_tokens = batch.response_mask.sum(1).cpu()
     unwrapped = accelerator.unwrap_model(trainable)
     separate = separate_backward_applies(unwrapped, accelerator)
     step_stats: dict[str, list[torch.Tensor]] = {}
     for _ in range(config.ppo_epochs):
         order = torch.randperm(config.rollout_batch_size, generator=shuffle_generator)
         for minibatch in order.split(minibatch_size):
-            minibatch_tokens = int(valid_tokens[minibatch].sum())
+            minibatch_mask = batch.response_mask[minibatch.to(device)]
+            units = (ppo.loss_units(minibatch_mask, config.loss_aggregation), int(minibatch_mask.sum()))
             for micro in shard_for_rank(minibatch, rank, world_size).split(micro_size):
                 with accelerator.accumulate(trainable):
                     micro_batch = batch.select(micro.to(device)).trimmed()
-                    weight = token_weight(int(valid_tokens[micro].sum()), minibatch_tokens, world_size, accumulation)
+                    weights = micro_batch_weights(micro_batch, units, config, world_size)
                     if separate:
                         stats = policy_then_critic_backward(
-                            unwrapped, micro_batch, config, weight, accelerator, bf16_weights
+                            unwrapped, micro_batch, config, weights, accelerator, bf16_weights, kl_coef
                         )
                     else:
                         if bf16_weights is not None:
                             bf16_weights.compute()
-                        loss, stats = ppo_minibatch_loss(trainable, micro_batch, config)
-                        accelerator.backward(loss * weight)
+                        loss, stats = ppo_minibatch_loss(trainable, micro_batch, config, weights, kl_coef)
+                        accelerator.backward(loss)
                         if bf16_weights is not None:
                             bf16_weights.master()
+                    if not train_policy:
+                        for parameter in unwrapped.policy.parameters():
+                            parameter.grad = None  # after DDP's all-reduce: no gradient, no AdamW update
                     if bf16_weights is not None:
                         bf16_weights.step(optimizer, config.max_grad_norm)
                     else:

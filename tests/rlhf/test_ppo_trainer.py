@@ -96,7 +96,7 @@ def test_policy_then_critic_backward_gives_the_joint_backwards_gradients_and_sta
     (loss * 0.7).backward()
     joint = {name: p.grad.clone() for name, p in trainable.named_parameters()}
     trainable.zero_grad(set_to_none=True)
-    stats = policy_then_critic_backward(trainable, experience, config, 0.7, Accelerator(cpu=True), None)
+    stats = policy_then_critic_backward(trainable, experience, config, (0.7, 0.7), Accelerator(cpu=True), None)
     assert float(joint_stats["ppo/policy/clipfrac"]) > 0 and float(joint_stats["ppo/val/clipfrac"]) > 0
     assert stats.keys() == joint_stats.keys()
     for name, value in joint_stats.items():
@@ -125,7 +125,7 @@ def test_policy_then_critic_backward_casts_one_model_at_a_time_under_bf16_weight
     AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state: this test's precision is bf16
     try:
         stats = policy_then_critic_backward(
-            trainable, experience, config, 1.0, Accelerator(cpu=True, mixed_precision="bf16"), weights
+            trainable, experience, config, (1.0, 1.0), Accelerator(cpu=True, mixed_precision="bf16"), weights
         )
     finally:
         for handle in handles:
