@@ -180,6 +180,33 @@ def test_two_processes_train_the_same_policy_as_one(tmp_path: Path) -> None:
     assert 0 < one[0]["history"][0]["val/num_eos_tokens"] < CONFIG["rollout_batch_size"]  # lengths really differ
 
 
+def test_two_processes_train_the_same_critic_free_grpo_policy_as_one(tmp_path: Path) -> None:
+    """GRPO on the same engine: each prompt's group of 4 is split over the two ranks (episodes r, r+2, …), so the
+    group baselines only match if they are computed on the gathered batch; sequence-mean aggregation and the KL loss
+    term exercise the per-sequence micro-batch weights. No value model exists in either run."""
+    workdir = build_workdir(tmp_path / "models")
+    grpo = {
+        "algorithm": "grpo",
+        "group_size": 4,
+        "loss_aggregation": "seq-mean-token-mean",
+        "kl_penalty": "loss",
+        "whiten_rewards": False,
+    }
+    two = launch(workdir, "configs/cpu-2proc.yaml", 2, tmp_path / "two", grpo)
+    one = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "one", grpo)
+    assert [r["world_size"] for r in two] == [2, 2]
+    assert all(name.startswith("policy.") for name in one[0]["parameters"])  # no critic, no value head
+    policy_before = {k: v for k, v in build_initial_parameters(workdir).items() if k.startswith("policy.")}
+    update = max_difference(one[0]["parameters"], policy_before)
+    difference = max_difference(one[0]["parameters"], two[0]["parameters"])
+    print(f"GRPO: max |θ(1 proc) − θ(2 procs)| = {difference:.2e}; max |update| = {update:.2e}")
+    assert update > 50 * TOLERANCE
+    assert difference <= TOLERANCE
+    for name in ("objective/scores", "objective/kl", "ppo/loss/kl", "rollout/group_distinct"):
+        for a, b in zip(one[0]["history"], two[0]["history"]):
+            assert abs(a[name] - b[name]) <= 1e-4 * max(1.0, abs(a[name])), (name, a[name], b[name])
+
+
 def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(tmp_path: Path) -> None:
     """`launch.mixed_precision: bf16` through `accelerate launch` as the stage runs it (the launch flag says "no"; the
     precision comes from params): the bf16-weights path applies, weights and AdamW state stay fp32, and the update
