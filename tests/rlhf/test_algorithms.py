@@ -27,7 +27,10 @@ STD = math.sqrt(14 / 3)  # 2.1602…
 
 
 def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:
-    assert torch.allclose(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=tol, rtol=0), (actual, expected)
+    assert torch.allclose(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=tol, rtol=0), (
+        actual,
+        expected,
+    )
 
 
 # ------------------------------------------------------------------------------------------- advantage estimators
@@ -36,8 +39,10 @@ def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> Non
 def test_grpo_advantage_is_the_reward_minus_the_group_mean_over_the_group_std() -> None:
     # (−2, −1, 0, 3) / 2.1602 = (−0.9258, −0.4629, 0, 1.3887)
     close(estimators.grpo_advantages(GROUP, 4), [-2 / STD, -1 / STD, 0.0, 3 / STD])
-    # two prompts are two groups: the second group's baseline is its own mean 11, std 1
-    close(estimators.grpo_advantages(torch.cat([GROUP, torch.tensor([10.0, 11, 12, 11])]), 4)[4:], [-1, 0, 1, 0])
+    # two prompts are two groups: the second group's baseline is its own mean 11, its std √((1 + 0 + 1 + 0)/3) = 0.8165
+    second = torch.tensor([10.0, 11, 12, 11])
+    s = math.sqrt(2 / 3)
+    close(estimators.grpo_advantages(torch.cat([GROUP, second]), 4)[4:], [-1 / s, 0.0, 1 / s, 0.0])
 
 
 def test_dr_grpo_drops_the_std_division() -> None:
