@@ -76,7 +76,10 @@ def _build(cls: type, raw: dict[str, Any], file: str, prefix: str = "") -> Any:
             known = f"known: {sorted(names)}"
         raise ConfigError(f"{file}: {prefix or 'top level'}: unknown key(s) {unknown}; {known}")
     kwargs = {key: _coerce(value, hints[key], file, f"{prefix}.{key}" if prefix else key) for key, value in raw.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:  # a config's own checks (__post_init__) name params.yaml: name the file read
+        raise ConfigError(f"{file}: {str(error).removeprefix('params.yaml: ')}") from None
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -23,6 +23,16 @@ def test_the_shipped_params_load() -> None:
         ("ppo: {learning_rat: 0.1}", "ppo: unknown key(s) ['learning_rat']"),
         ("sft: {steps: many}", "sft.steps: expected int"),
         ("label: {annotator: oracle}", "label.annotator must be"),
+        ("ppo: {algorithm: a2c}", "ppo.algorithm must be one of"),
+        ("ppo: {algorithm: grpo}", "ppo.group_size must be ≥ 2 for ppo.algorithm: grpo"),
+        ("ppo: {group_size: 3}", "ppo.rollout_batch_size (128) must be divisible by ppo.group_size (3)"),
+        ("ppo: {filter_uniform_groups: true}", "ppo.filter_uniform_groups needs ppo.group_size ≥ 2"),
+        ("ppo: {dual_clip: 0.5}", "ppo.dual_clip must be 0 (off) or > 1"),
+        ("ppo: {loss_aggregation: sum}", "ppo.loss_aggregation must be one of"),
+        ("ppo: {kl_penalty: both}", "ppo.kl_penalty must be one of"),
+        ("ppo: {critic_warmup_iterations: 60}", "ppo.critic_warmup_iterations (60) must be below ppo.iterations"),
+        ("ppo: {algorithm: dpo}\ndpo: {loss: hinge}", "dpo.loss must be sigmoid or ipo"),
+        ("ppo: {algorithm: dpo}\ndpo: {label_smoothing: 0.5}", "dpo.label_smoothing must be in [0, 0.5)"),
         ("- a list", "expected a mapping"),
     ],
 )
@@ -191,6 +201,15 @@ IDLE = [
         "set it back to 10000 or set ppo.adaptive_kl: true",
     ),
     (
+        "ppo: {algorithm: grpo, group_size: 4, vf_coef: 0.5}",
+        "ppo.vf_coef = 0.5 has no effect: ppo.algorithm is 'grpo', which trains no value model; "
+        "set it back to 0.1 or set ppo.algorithm: ppo",
+    ),
+    ("ppo: {algorithm: rloo, group_size: 2, lam_critic: 1.0}", "ppo.lam_critic = 1.0 has no effect"),
+    ("ppo: {algorithm: rloo, group_size: 2, group_std_normalise: false}", "ppo.group_std_normalise = False has"),
+    ("ppo: {algorithm: dpo, rollout_batch_size: 64}", "ppo.rollout_batch_size = 64 has no effect: ppo.algorithm"),
+    ("dpo: {beta: 0.5}", "dpo.beta = 0.5 has no effect: ppo.algorithm is 'ppo' (the dpo section applies to"),
+    (
         "label: {annotator: human, labels_file: elsewhere/labels.jsonl}",
         "label.labels_file 'elsewhere/labels.jsonl' lies outside data/human_labels/, the label stage's DVC dependency, "
         "so DVC would not see new labels; keep the file under data/human_labels/",
@@ -217,6 +236,10 @@ def test_a_key_its_stage_would_ignore_is_refused(tmp_path: Path, text: str, mess
         "label: {annotator: human, labels_file: ./data/human_labels/batch2.jsonl}",
         "ppo: {lora_rank: 8, lora_alpha: 16, lora_target_modules: c_attn}",
         "ppo: {adaptive_kl: false, kl_target: 6.0}",  # kl_target still sets the band evaluate reports
+        "ppo: {algorithm: grpo, group_size: 4, group_std_normalise: false, loss_aggregation: seq-mean-token-sum-norm}",
+        "ppo: {algorithm: ppo, lam_critic: 1.0, critic_warmup_iterations: 5, clip_range_high: 0.28, dual_clip: 3}",
+        "ppo: {algorithm: dpo}\ndpo: {loss: ipo, beta: 0.5}",
+        "ppo: {reward: 'rlhf.embedded:gold_score', kl_penalty: loss}",
     ],
 )
 def test_keys_in_their_mode_or_at_their_default_load(tmp_path: Path, text: str) -> None:
