@@ -3,6 +3,7 @@
     python bench/memory_table.py                                          # CPU: peak RSS, episodes/s
     python bench/memory_table.py --device cuda --mixed-precision bf16     # GPU: peak GPU memory too
     python bench/memory_table.py --layers 12 --hidden 768 --episodes 64   # another model / batch
+    python bench/memory_table.py --only "K = 4" --checkpointing off        # PPO vs GRPO at the same settings
 
 Every configuration runs in a fresh process (peak RSS only ever grows) on the same randomly initialised policy
 (7 layers × 512 hidden ≈ 22 M parameters with the embedded 512-token vocabulary) and a reward model/critic built
@@ -41,6 +42,9 @@ CONFIGURATIONS: list[tuple[str, str, dict]] = [
         "policy (+adapters), RM",
         {"value_model": "head", "lora_rank": 16},
     ),
+    # PPO against a critic-free successor at the same settings (K = 4 samples per prompt), docs/algorithms.md
+    ("PPO, K = 4 per prompt, separate critic", "policy, reference, critic, RM", {"group_size": 4}),
+    ("GRPO, K = 4 per prompt, no value model", "policy, reference, RM", {"algorithm": "grpo", "group_size": 4}),
 ]
 
 
@@ -144,13 +148,16 @@ def main() -> None:
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--only", default="", help="run the configurations whose label contains this text")
+    parser.add_argument("--checkpointing", choices=["both", "off"], default="both", help="off: skip the ckpt runs")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # index into the run list, in a fresh process
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     runs = [
         (label, held, {**options, "gradient_checkpointing": gc})
         for label, held, options in CONFIGURATIONS
-        for gc in (False, True)
+        for gc in ((False, True) if args.checkpointing == "both" else (False,))
+        if args.only in label
     ]
     if args.child is not None:
         print(json.dumps(run_configuration(args.folder, runs[args.child][2], args)))

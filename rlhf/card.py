@@ -42,6 +42,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+ALGORITHM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}
+
+
 def eval_results(evaluation: dict[str, Any], dataset: str) -> list[EvalResult]:
     """model-index entries (task text-generation) for the evaluation metrics, values copied from evaluate.json."""
     embedded = dataset == "embedded"
@@ -117,12 +120,20 @@ def build_model_card(
     ``plots``: PNG file names copied next to the card, referenced as images.
     """
     plots = plots or []
+    algorithm = str(ppo.get("algorithm", "ppo"))
+    name = ALGORITHM_NAMES.get(algorithm, algorithm)
+    method = (
+        "SFT → preference pairs → DPO on those preferences (offline, no reward model in the loop; the reward model "
+        "trained beside it only scores the evaluation)"
+        if algorithm == "dpo"
+        else f"SFT → preference pairs → Bradley–Terry reward model → {name} with a KL penalty to the SFT policy"
+    )
     metadata = ModelCardData(
         model_name=model_name,
         language=language,
         license=license,
         library_name="transformers",
-        tags=["rlhf", "ppo", "rlhf-pipeline", "text-generation"],
+        tags=["rlhf", *dict.fromkeys(["ppo", algorithm.replace("_", "-")]), "rlhf-pipeline", "text-generation"],
         pipeline_tag="text-generation",
         base_model=None if base_model == "embedded" else base_model,
         datasets=[d for d in datasets if d != "embedded"] or None,
@@ -144,18 +155,18 @@ def build_model_card(
         )
     sections = [
         f"# {model_name}",
-        "A causal language model trained with PPO from human-preference feedback (RLHF) by "
-        "[rlhf-pipeline](https://github.com/): SFT → preference pairs → Bradley–Terry reward model → PPO with a "
-        "per-token KL penalty to the SFT policy. Every number below is copied from the pipeline's metrics files.",
-        "## Evaluation (held-out prompts, PPO policy vs its SFT starting point)\n\n"
+        f"A causal language model trained with {name} from human-preference feedback (RLHF) by "
+        f"[rlhf-pipeline](https://github.com/): {method}. Every number below is copied from the pipeline's "
+        "metrics files.",
+        f"## Evaluation (held-out prompts, {name} policy vs its SFT starting point)\n\n"
         + summary
         + "Win rates count ties as half; their intervals resample prompts (percentile bootstrap). `distinct_n`: unique "
         "word n-grams / all word n-grams; `repetition_rate`: share of responses repeating a word bigram.\n\n"
         + _table(eval_rows),
-        "## Reward over-optimisation across PPO checkpoints\n\n"
+        f"## Reward over-optimisation across {name} checkpoints\n\n"
         + _overoptimization_markdown(overoptimization or [], [p for p in plots if "overoptimization" in p]),
         "## Reward model\n\n" + _table([(k, v) for k, v in reward.items() if v is not None]),
-        "## PPO training\n\n"
+        f"## {name} training\n\n"
         + _table(list(ppo.items()))
         + "".join(f"\n![{name}]({name})\n" for name in plots if "overoptimization" not in name),
         "## Training parameters (params.yaml)\n\n```yaml\n" + yaml.safe_dump(params, sort_keys=False) + "```",

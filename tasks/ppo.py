@@ -1,7 +1,9 @@
-"""Stage `ppo`: PPO against the reward model with a KL penalty to the frozen SFT policy.
+"""Stage `ppo`: PPO (or, by ``ppo.algorithm``, GRPO, RLOO, REINFORCE++; DPO in tasks/dpo.py) against the reward model
+(or a rule, ``ppo.reward``) with a KL penalty to the frozen SFT policy (docs/design.md §4, §4b).
 
     python -m tasks.launch -m tasks.ppo \
-        --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --out models/policy \
+        --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --preferences data/preferences \
+        --out models/policy \
         --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv
 
 (`accelerate launch` with params.yaml's `launch` for ppo: tasks/launch.py; the paths as dvc.yaml passes them).
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             world_size=accelerator.num_processes,
             distributed_type=accelerator.distributed_type.value,
             mixed_precision=accelerator.mixed_precision,
+            algorithm=config.algorithm,
             iterations=config.iterations,
             rollout_batch_size=config.rollout_batch_size,
             policy_parameters=count_parameters(models.policy),
@@ -154,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics.update({f"tail_mean/{k}": sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS})
         metrics.update(
             {
+                "algorithm": config.algorithm,
+                "reward": config.reward,
+                "policy_parameters": count_parameters(models.policy),
+                "trainable_parameters": sum(p.numel() for p in prepared.module.parameters() if p.requires_grad),
                 "world_size": accelerator.num_processes,
                 "peak_rss_mib": peak_rss_mib(),
                 **(
