@@ -42,8 +42,12 @@ UPSTREAM_OUTPUTS = ("data", "models/base", "models/sft", "models/reward", "confi
 ALGORITHMS: dict[str, tuple[dict, str]] = {
     "ppo": ({}, "PPO: critic from the RM, GAE λ 0.95, KL −β·k1 in the reward (adaptive β)"),
     "grpo": (
+        {"ppo": {"algorithm": "grpo", "group_size": 4}},
+        "GRPO: K = 4, (r − mean)/std, KL −β·k1 in the reward (as every algorithm here)",
+    ),
+    "grpo_kl_loss": (
         {"ppo": {"algorithm": "grpo", "group_size": 4, "kl_penalty": "loss"}},
-        "GRPO: K = 4, (r − mean)/std, KL as a k3 loss term",
+        "GRPO as published: K = 4, (r − mean)/std, KL as a β·k3 loss term",
     ),
     "dr_grpo": (
         {

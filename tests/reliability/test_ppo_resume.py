@@ -384,11 +384,17 @@ class Crash(BaseException):
 
 
 @pytest.mark.parametrize(
-    "options", [{"lora_rank": 4, "lora_alpha": 8}, {"value_model": "head"}], ids=["lora", "value-head"]
+    "options",
+    [
+        {"lora_rank": 4, "lora_alpha": 8},
+        {"value_model": "head"},
+        {"algorithm": "grpo", "group_size": 4, "kl_penalty": "loss", "filter_uniform_groups": True},
+    ],
+    ids=["lora", "value-head", "grpo"],
 )
 def test_lora_adapters_and_a_value_head_resume_bitwise(pipeline_workspace: Path, tmp_path: Path, options: dict) -> None:
-    """The trained tensors saved are the LoRA adapters (+ critic) or the policy + value head;
-    a resume continues exactly."""
+    """The trained tensors saved are the LoRA adapters (+ critic), the policy + value head, or (critic-free GRPO) the
+    policy alone; a resume continues exactly."""
     from accelerate import Accelerator
 
     from rlhf.checkpoint import ResumeCheckpoints
