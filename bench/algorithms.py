@@ -71,16 +71,20 @@ ALGORITHMS: dict[str, tuple[dict, str]] = {
 
 # The mode-collapse study (docs/algorithms.md): settings meant to keep distinct responses up, PPO unless named.
 DIVERSITY: dict[str, tuple[dict, str]] = {
-    "ppo_ent_0.01": ({"ppo": {"ent_coef": 0.01}}, "entropy bonus c2 = 0.01"),
-    "ppo_ent_0.03": ({"ppo": {"ent_coef": 0.03}}, "entropy bonus c2 = 0.03"),
-    "ppo_kl_target_2": ({"ppo": {"kl_target": 2.0}}, "adaptive KL target 2 nats (default 4)"),
-    "ppo_kl_target_1": ({"ppo": {"kl_target": 1.0}}, "adaptive KL target 1 nat"),
-    "ppo_k3": ({"ppo": {"kl_estimator": "k3"}}, "k3 KL estimator in the reward"),
-    "ppo_clip_higher": ({"ppo": {"clip_range_high": 0.28}}, "clip-higher ε_high = 0.28"),
-    "grpo_k8": (
-        {"ppo": {"algorithm": "grpo", "group_size": 8, "kl_penalty": "loss"}},
-        "GRPO with K = 8 samples per prompt",
+    "ppo_ent_0.01": ({"ppo": {"ent_coef": 0.01}}, "PPO, entropy bonus c2 = 0.01"),
+    "ppo_ent_0.03": ({"ppo": {"ent_coef": 0.03}}, "PPO, entropy bonus c2 = 0.03"),
+    "ppo_kl_target_1": ({"ppo": {"kl_target": 1.0, "kl_horizon": 2000}}, "PPO, adaptive KL target 1 nat (fast β)"),
+    "ppo_clip_higher": ({"ppo": {"clip_range_high": 0.28}}, "PPO, clip-higher ε_high = 0.28"),
+    "ppo_kl_loss_0.3": ({"ppo": {"kl_penalty": "loss", "kl_coef": 0.3}}, "PPO, KL as a β·k3 loss term, β = 0.3"),
+    "grpo_kl_loss_0.3": (
+        {"ppo": {"algorithm": "grpo", "group_size": 4, "kl_penalty": "loss", "kl_coef": 0.3}},
+        "GRPO, KL as a β·k3 loss term, β = 0.3",
     ),
+    "grpo_kl_loss_0.5": (
+        {"ppo": {"algorithm": "grpo", "group_size": 4, "kl_penalty": "loss", "kl_coef": 0.5}},
+        "GRPO, KL as a β·k3 loss term, β = 0.5",
+    ),
+    "grpo_k8": ({"ppo": {"algorithm": "grpo", "group_size": 8}}, "GRPO with K = 8 samples per prompt"),
 }
 
 METRICS = (

@@ -151,6 +151,13 @@ def global_sum(value: float, accelerator: Accelerator) -> float:
     return float(accelerator.reduce(total, reduction="sum"))
 
 
+def global_sums(values: torch.Tensor, accelerator: Accelerator) -> list[float]:
+    """Sums over the processes of a (k,) vector of per-process numbers, in one collective (itself on one process)."""
+    if accelerator.num_processes == 1:
+        return values.tolist()
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu().tolist()
+
+
 def set_learning_rate(prepared: Prepared, learning_rate: float) -> None:
     """The step's scheduled learning rate, set before its backward passes: DeepSpeed steps inside the last one."""
     for group in prepared.optimizer.param_groups:
@@ -698,10 +705,3 @@ def train_dpo(
         history.append(record)
     prepared.forward.eval()
     return exported_model(prepared), history
-
-
-def global_sums(values: torch.Tensor, accelerator: Accelerator) -> list[float]:
-    """Sums over the processes of a (k,) vector of per-process numbers, in one collective (itself on one process)."""
-    if accelerator.num_processes == 1:
-        return values.tolist()
-    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu().tolist()

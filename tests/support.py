@@ -127,6 +127,29 @@ def make_tiny_repo(repo: Path, params: dict | None = None) -> Path:
     return repo
 
 
+def stage_outputs(stage: str) -> list[str]:
+    """The paths dvc.yaml declares the stage writes (outs, metrics and plots)."""
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    entries = [entry for kind in ("outs", "metrics", "plots") for entry in declared.get(kind) or []]
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
+def make_tiny_repo_with_stages_done(repo: Path, workspace: Path, stages: list[str]) -> Path:
+    """make_tiny_repo with ``workspace``'s params.yaml and the outputs ``stages`` wrote there (the pipeline_workspace
+    fixture: the same code and params), recorded in dvc.lock with `dvc commit`: DVC and the flows find those stages
+    up to date and run only the others."""
+    make_tiny_repo(repo, yaml.safe_load((workspace / "params.yaml").read_text()))
+    for stage in stages:
+        for output in stage_outputs(stage):
+            source, target = workspace / output, repo / output
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "-f", *stages], cwd=repo, env=git_env(), check=True, capture_output=True
+    )
+    return repo
+
+
 def tiny_gpt2_config(**overrides):
     """A 2-layer GPT-2 config for the library tests: vocabulary 50, EOS 1, pad 0, dropout off."""
     from transformers import GPT2Config

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -35,7 +34,6 @@ from prefect.client.schemas.filters import (  # noqa: E402
 from prefect.client.schemas.objects import FlowRun, StateType  # noqa: E402
 from prefect.flow_runs import resume_flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from support import REPO, stage_command  # noqa: E402
 
 from flows.labeling import append_labels, collect_human_labels, pending_pairs, records_from_answers  # noqa: E402
@@ -46,12 +44,6 @@ SAMPLES = [  # 3 prompts × 3 distinct responses = 9 pairs
     {"prompt_id": 1, "prompt": "the music", "responses": [" was awful .", " was fine .", " was great ."]},
     {"prompt_id": 2, "prompt": "the acting", "responses": [" was bad .", " was superb .", " was okay ."]},
 ]
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def make_labelling_repo(folder: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The lifecycle and retrain flows against a real Prefect API (prefect_test_harness), on the tiny pipeline."""
+"""The lifecycle and retrain flows against a real Prefect API (prefect_test_harness: tests/conftest.py's
+`prefect_api`), on the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect.artifacts import Artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from support import make_tiny_repo, write_params  # noqa: E402
 
 from flows.lifecycle import lifecycle  # noqa: E402
@@ -23,12 +23,6 @@ from flows.retrain import gate, retrain  # noqa: E402
 from pipeline.workspace import stage_names  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def task_runs_of(flow_run_id) -> list:
 
 
 @pytest.fixture(scope="module")
-def first_run(harness, repo: Path):
+def first_run(prefect_api, repo: Path):
     state = lifecycle(repo_dir=str(repo), return_state=True)
     return state
 

@@ -18,7 +18,6 @@ from prefect.artifacts import Artifact  # noqa: E402
 from prefect.blocks.system import Secret  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from publish_support import files_containing, make_release_workspace, use_endpoint  # noqa: E402  (first: HF_HUB_* env)
 
 from flows.publish import PUBLISH_ARTIFACT_KEY, publish_task  # noqa: E402
@@ -47,10 +46,10 @@ def flow_run_logs(flow_run_id, expected: str, timeout_s: float = 60) -> str:
         time.sleep(1)
 
 
-def test_publish_task_reads_the_secret_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_publish_task_reads_the_secret_block(prefect_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     repo = make_release_workspace(tmp_path / "repo")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with HubServer(token=TOKEN) as hub, prefect_test_harness(server_startup_timeout=120):
+    with HubServer(token=TOKEN) as hub:
         use_endpoint(hub.endpoint, monkeypatch)
         Secret(value=TOKEN).save("hf-token-test")
         state = publish_once(str(repo), "org/flow", return_state=True)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from browser import chromium_path, dump_dom, screenshot
 from server_support import prefect_client_env, ui_root
-from support import REPO, make_tiny_repo
+from support import REPO, make_tiny_repo_with_stages_done
 
 from pipeline.workspace import stage_names
 
@@ -60,10 +60,16 @@ def wait_for_task_runs(api_url: str, flow_run_id: str, expected: int) -> list[di
 
 
 @pytest.fixture(scope="module")
-def lifecycle_run(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`rlhf run` of the tiny pipeline in a fresh git + DVC repository, reporting to the session's server."""
+def lifecycle_run(prefect_server: str, pipeline_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`rlhf run` of the tiny pipeline in a fresh git + DVC repository, reporting to the session's server.
+
+    The stages up to the reward model are already done there (the outputs of the session's pipeline_workspace,
+    recorded in dvc.lock), so the run shows them as cached task runs and runs ppo, evaluate and release: the
+    from-scratch run of every stage is the lifecycle tests' (tests/flows/test_lifecycle.py)."""
     folder = tmp_path_factory.mktemp("server-ui")
-    repo = make_tiny_repo(folder / "repo")
+    repo = make_tiny_repo_with_stages_done(
+        folder / "repo", pipeline_workspace, ["prepare", "sft", "sample_pairs", "label", "reward"]
+    )
     started = datetime.now(timezone.utc) - timedelta(seconds=1)
     result = subprocess.run(
         [str(RLHF), "run"],

@@ -219,15 +219,6 @@ def test_two_real_runs_at_once_the_second_refuses_or_waits_and_the_first_complet
 # ---------------------------------------------------------------------------------------------------- the flows
 
 
-@pytest.fixture(scope="module")
-def harness():
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def task_run_count(flow_run_id) -> int:
     import asyncio
 
@@ -243,7 +234,7 @@ def task_run_count(flow_run_id) -> int:
 
 @pytest.mark.slow
 def test_the_flows_refuse_while_the_workspace_is_locked_and_release_the_lock_after_a_run(
-    harness, tiny_repo: Path
+    prefect_api, tiny_repo: Path
 ) -> None:
     from flows.lifecycle import lifecycle
     from flows.retrain import retrain

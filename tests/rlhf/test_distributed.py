@@ -58,15 +58,24 @@ def record_gradient_syncs(module: torch.nn.Module, accelerator) -> list[int]:
     return steps
 
 
-def worker(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> None:
-    """Run train_ppo as the stage does; every rank saves its trained weights, world size and gradient syncs."""
+def worker(workdir: Path, profile: str, num_processes: int, out: Path, runs: dict[str, dict]) -> None:
+    """Run train_ppo as the stage does, once per entry of ``runs`` (name → PPOConfig fields over CONFIG), one after
+    the other in this launched process; every rank saves each run's trained weights, world size and gradient syncs
+    under ``out/name``. A run does not depend on the runs before it: train_ppo seeds its RNG streams itself and the
+    models are loaded afresh."""
+    for name, overrides in runs.items():
+        accelerator = train_and_save(workdir, profile, num_processes, out / name, overrides)
+    accelerator.end_training()
+
+
+def train_and_save(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict):
     from rlhf.config import PPOConfig
     from rlhf.ppo_trainer.loop import train_ppo
     from rlhf.ppo_trainer.models import load_ppo_models
     from rlhf.ppo_trainer.optimise import prepare_training
     from rlhf.ppo_trainer.processes import make_accelerator
 
-    config = PPOConfig(**{**CONFIG, **(overrides or {})}, config_file=str(REPO / profile), num_processes=num_processes)
+    config = PPOConfig(**{**CONFIG, **overrides}, config_file=str(REPO / profile), num_processes=num_processes)
     accelerator = make_accelerator(config)  # refuses a world size other than num_processes
     models = load_ppo_models(config, workdir / "sft", workdir / "reward")
     prepared = prepare_training(models, config, accelerator)
@@ -89,7 +98,7 @@ def worker(workdir: Path, profile: str, num_processes: int, out: Path, overrides
         },
         out / f"rank{accelerator.process_index}.pt",
     )
-    accelerator.end_training()
+    return accelerator
 
 
 # ----------------------------------------------------------------------------------------------------------- tests
@@ -119,10 +128,11 @@ def build_workdir(folder: Path) -> Path:
     return folder
 
 
-def launch(workdir: Path, profile: str, num_processes: int, out: Path, overrides: dict | None = None) -> list[dict]:
-    """`accelerate launch` this file's worker (``overrides``: PPOConfig fields over CONFIG);
-    returns each rank's result."""
-    out.mkdir()
+def launch(workdir: Path, profile: str, num_processes: int, out: Path, runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """`accelerate launch` this file's worker (``runs``: name → PPOConfig fields over CONFIG, trained one after the
+    other in the launched processes); returns each run's result of each rank."""
+    for name in runs:
+        (out / name).mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # the profile alone must select the CPU
     command = [
         str(Path(sys.executable).parent / "accelerate"),
@@ -138,11 +148,13 @@ def launch(workdir: Path, profile: str, num_processes: int, out: Path, overrides
         profile,
         str(num_processes),
         str(out),
-        json.dumps(overrides or {}),
+        json.dumps(runs),
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+    return {
+        name: [torch.load(path, weights_only=False) for path in sorted((out / name).glob("rank*.pt"))] for name in runs
+    }
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -150,10 +162,45 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[name] - b[name]).abs().max()) for name in a)
 
 
-def test_two_processes_train_the_same_policy_as_one(tmp_path: Path) -> None:
-    workdir = build_workdir(tmp_path / "models")
-    two = launch(workdir, "configs/cpu-2proc.yaml", 2, tmp_path / "two")
-    one = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "one")
+GRPO = {
+    "algorithm": "grpo",
+    "group_size": 4,
+    "loss_aggregation": "seq-mean-token-mean",
+    "kl_penalty": "loss",
+    "whiten_rewards": False,
+}
+SINGLE_STEP = {"gradient_accumulation_steps": 1}  # bf16 weights: one micro-batch per optimiser step
+
+
+class Launched:
+    """The data-parallel tests' runs, from one workdir: ``launched(processes)`` is {run: each rank's result} of PPO and
+    GRPO on 2 (configs/cpu-2proc.yaml) or 1 process (configs/cpu-1proc.yaml), the latter with the bf16 test's fp32
+    reference too. Each profile is launched once per module, its worker training the runs one after the other,
+    rather than once per run: every launch costs several seconds of process start-up and imports."""
+
+    RUNS = {2: {"ppo": {}, "grpo": GRPO}, 1: {"ppo": {}, "grpo": GRPO, "fp32_single_step": SINGLE_STEP}}
+    PROFILES = {2: "configs/cpu-2proc.yaml", 1: "configs/cpu-1proc.yaml"}
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.workdir = folder, build_workdir(folder / "models")
+        self.results: dict[int, dict[str, list[dict]]] = {}
+
+    def __call__(self, processes: int) -> dict[str, list[dict]]:
+        if processes not in self.results:
+            out = self.folder / f"{processes}proc"
+            self.results[processes] = launch(
+                self.workdir, self.PROFILES[processes], processes, out, self.RUNS[processes]
+            )
+        return self.results[processes]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Launched:
+    return Launched(tmp_path_factory.mktemp("launched"))
+
+
+def test_two_processes_train_the_same_policy_as_one(launched: Launched) -> None:
+    workdir, two, one = launched.workdir, launched(2)["ppo"], launched(1)["ppo"]
 
     # the 2-process run really ran in a world of 2 (gloo on the CPU), with one result per rank
     assert [r["world_size"] for r in two] == [2, 2] and all(r["distributed_type"] == "MULTI_CPU" for r in two)
@@ -180,20 +227,11 @@ def test_two_processes_train_the_same_policy_as_one(tmp_path: Path) -> None:
     assert 0 < one[0]["history"][0]["val/num_eos_tokens"] < CONFIG["rollout_batch_size"]  # lengths really differ
 
 
-def test_two_processes_train_the_same_critic_free_grpo_policy_as_one(tmp_path: Path) -> None:
+def test_two_processes_train_the_same_critic_free_grpo_policy_as_one(launched: Launched) -> None:
     """GRPO on the same engine: each prompt's group of 4 is split over the two ranks (episodes r, r+2, …), so the
     group baselines only match if they are computed on the gathered batch; sequence-mean aggregation and the KL loss
     term exercise the per-sequence micro-batch weights. No value model exists in either run."""
-    workdir = build_workdir(tmp_path / "models")
-    grpo = {
-        "algorithm": "grpo",
-        "group_size": 4,
-        "loss_aggregation": "seq-mean-token-mean",
-        "kl_penalty": "loss",
-        "whiten_rewards": False,
-    }
-    two = launch(workdir, "configs/cpu-2proc.yaml", 2, tmp_path / "two", grpo)
-    one = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "one", grpo)
+    workdir, two, one = launched.workdir, launched(2)["grpo"], launched(1)["grpo"]
     assert [r["world_size"] for r in two] == [2, 2]
     assert all(name.startswith("policy.") for name in one[0]["parameters"])  # no critic, no value head
     policy_before = {k: v for k, v in build_initial_parameters(workdir).items() if k.startswith("policy.")}
@@ -207,16 +245,15 @@ def test_two_processes_train_the_same_critic_free_grpo_policy_as_one(tmp_path: P
             assert abs(a[name] - b[name]) <= 1e-4 * max(1.0, abs(a[name])), (name, a[name], b[name])
 
 
-def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(tmp_path: Path) -> None:
+def test_a_launched_bf16_stage_on_one_process_trains_bf16_weights_close_to_fp32(
+    tmp_path: Path, launched: Launched
+) -> None:
     """`launch.mixed_precision: bf16` through `accelerate launch` as the stage runs it (the launch flag says "no"; the
     precision comes from params): the bf16-weights path applies, weights and AdamW state stay fp32, and the update
     points where the fp32 run's does."""
-    workdir = build_workdir(tmp_path / "models")
-    single_step = {"gradient_accumulation_steps": 1}  # bf16 weights: one micro-batch per optimiser step
-    fp32 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "fp32", single_step)[0]
-    bf16 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "bf16", {**single_step, "mixed_precision": "bf16"})[
-        0
-    ]
+    workdir, fp32 = launched.workdir, launched(1)["fp32_single_step"][0]
+    bf16_run = {**SINGLE_STEP, "mixed_precision": "bf16"}
+    bf16 = launch(workdir, "configs/cpu-1proc.yaml", 1, tmp_path / "bf16", {"bf16": bf16_run})["bf16"][0]
     assert (fp32["mixed_precision"], fp32["bf16_weights"]) == ("no", False)
     assert (bf16["mixed_precision"], bf16["bf16_weights"]) == ("bf16", True)
     assert all(p.dtype == torch.float32 for p in bf16["parameters"].values()) and bf16["optimizer_state_dtypes"] == [

@@ -12,6 +12,7 @@ bias: the chosen and rejected gradients cancel). So the runs must agree to 1 % o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -29,20 +30,55 @@ TWO_PROCESSES = {"config_file": "configs/cpu-2proc.yaml", "num_processes": 2}
 RELATIVE_TOLERANCE = 0.01  # ‖θ_a − θ_b‖ / ‖θ_a − θ_start‖ between equivalent runs (float summation order only)
 
 
+def short_copy(pipeline_workspace: Path, folder: Path) -> Path:
+    """A copy of the tiny pipeline's workspace with short SFT and reward trainings, no resume checkpoints."""
+    shutil.copytree(pipeline_workspace, folder, ignore=shutil.ignore_patterns(".rlhf"))
+    set_params(folder, sft={"steps": 10, "eval_every": 10, "resume_every": 0}, reward={"resume_every": 0})
+    return folder
+
+
 @pytest.fixture
 def workspace(pipeline_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the tiny pipeline's workspace (cwd), with short SFT and reward trainings, no resume checkpoints."""
-    copy = tmp_path / "workspace"
-    shutil.copytree(pipeline_workspace, copy, ignore=shutil.ignore_patterns(".rlhf"))
-    set_params(copy, sft={"steps": 10, "eval_every": 10, "resume_every": 0}, reward={"resume_every": 0})
+    copy = short_copy(pipeline_workspace, tmp_path / "workspace")
     monkeypatch.chdir(copy)
     return copy
 
 
+@pytest.fixture(scope="module")
+def one_process(pipeline_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``one_process(how, stage)``: a `workspace` copy in which the stage (sft or reward) ran on one process, ``how``
+    "launched" (its dvc.yaml command, through tasks.launch) or "in_process" (run_stage). The reference the 1-vs-2-
+    process and bf16 tests (launched), and the accumulation, LoRA and two-machine tests (in process) compare with:
+    the same run each of them used to repeat first in its own workspace, now run once per module. Read only."""
+    runs: dict[tuple[str, str], Path] = {}
+
+    def run(how: str, stage: str) -> Path:
+        if (how, stage) not in runs:
+            folder = short_copy(pipeline_workspace, tmp_path_factory.mktemp(f"{how}-{stage}") / "workspace")
+            if how == "launched":
+                launch(stage, folder)
+            else:
+                previous = Path.cwd()
+                os.chdir(folder)
+                try:
+                    run_stage(stage)
+                finally:
+                    os.chdir(previous)
+            runs[how, stage] = folder
+        return runs[how, stage]
+
+    return run
+
+
+def without_output(workspace: Path, stage: str) -> None:
+    """Remove the stage's model folder copied from the pipeline: the run under test writes it afresh (as before, when
+    it followed the 1-process run in the same workspace and that run's model was moved aside)."""
+    shutil.rmtree(workspace / f"models/{stage}")
+
+
 def launch(stage: str, workspace: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """The stage's dvc.yaml command, run as DVC runs it (in the workspace, through tasks.launch)."""
-    import os
-
     env = {**os.environ, **(extra_env or {})}
     result = subprocess.run(
         stage_command(stage, workspace), cwd=workspace, env=env, capture_output=True, text=True, timeout=600
@@ -67,14 +103,6 @@ def relative_difference(
     return float(difference / update)
 
 
-def keep(workspace: Path, folder: str, name: str) -> Path:
-    """Move a stage output aside (the next run writes the same path)."""
-    kept = workspace / "kept" / name
-    kept.parent.mkdir(exist_ok=True)
-    shutil.move(workspace / folder, kept)
-    return kept
-
-
 def metrics(workspace: Path, stage: str) -> dict:
     return json.loads((workspace / f"metrics/{stage}.json").read_text())
 
@@ -83,9 +111,9 @@ def metrics(workspace: Path, stage: str) -> dict:
 
 
 @pytest.mark.parametrize(("stage", "model_in"), [("sft", "models/base"), ("reward", "models/sft")])
-def test_two_processes_train_the_one_process_update(workspace: Path, stage: str, model_in: str) -> None:
-    launch(stage, workspace)
-    one = weights(keep(workspace, f"models/{stage}", "one"))
+def test_two_processes_train_the_one_process_update(workspace: Path, one_process, stage: str, model_in: str) -> None:
+    one = weights(one_process("launched", stage) / f"models/{stage}")
+    without_output(workspace, stage)
     set_params(workspace, launch={stage: TWO_PROCESSES})
     result = launch(stage, workspace)
     assert "--num_processes 2" in result.stderr  # the launcher printed the accelerate command it ran
@@ -94,10 +122,10 @@ def test_two_processes_train_the_one_process_update(workspace: Path, stage: str,
     assert relative_difference(one, two, weights(workspace / model_in)) < RELATIVE_TOLERANCE
 
 
-def test_gradient_accumulation_makes_the_same_update(workspace: Path) -> None:
+def test_gradient_accumulation_makes_the_same_update(workspace: Path, one_process) -> None:
     # 32 demonstrations per step as one batch, or as 4 micro-batches of 8: the same mean-over-tokens gradient
-    run_stage("sft")
-    whole = weights(keep(workspace, "models/sft", "whole"))
+    whole = weights(one_process("in_process", "sft") / "models/sft")
+    without_output(workspace, "sft")
     set_params(workspace, sft={"gradient_accumulation_steps": 4})
     run_stage("sft")
     assert relative_difference(whole, weights(workspace / "models/sft"), weights(workspace / "models/base")) < 1e-3
@@ -131,11 +159,10 @@ def update(workspace: Path, stage: str, start: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("stage", "start"), [("sft", "models/base"), ("reward", "models/sft")])
-def test_bf16_updates_the_model_as_fp32_does(workspace: Path, stage: str, start: str) -> None:
+def test_bf16_updates_the_model_as_fp32_does(workspace: Path, one_process, stage: str, start: str) -> None:
     # bf16 autocast, fp32 master weights: the update keeps fp32's direction (cosine > 0.99) and size (within 5 %)
-    launch(stage, workspace)
-    fp32 = update(workspace, stage, start)
-    keep(workspace, f"models/{stage}", "fp32")
+    fp32 = update(one_process("launched", stage), stage, start)
+    without_output(workspace, stage)
     set_params(workspace, launch={stage: {"mixed_precision": "bf16"}})
     result = launch(stage, workspace)
     assert "--mixed_precision bf16" in result.stderr
@@ -148,11 +175,10 @@ def test_bf16_updates_the_model_as_fp32_does(workspace: Path, stage: str, start:
 
 
 @pytest.mark.parametrize(("stage", "start"), [("sft", "models/base"), ("reward", "models/sft")])
-def test_lora_trains_low_rank_updates_saved_merged(workspace: Path, stage: str, start: str) -> None:
+def test_lora_trains_low_rank_updates_saved_merged(workspace: Path, one_process, stage: str, start: str) -> None:
     rank = 2
-    run_stage(stage)
-    full = metrics(workspace, stage)
-    keep(workspace, f"models/{stage}", "full")
+    full = metrics(one_process("in_process", stage), stage)
+    without_output(workspace, stage)
     set_params(workspace, **{stage: {"lora_rank": rank, "lora_alpha": 16, "learning_rate": 0.01}})
     run_stage(stage)
     lora = metrics(workspace, stage)
@@ -203,14 +229,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_machines_on_loopback_train_the_one_process_update(workspace: Path, tmp_path: Path) -> None:
+def test_two_machines_on_loopback_train_the_one_process_update(workspace: Path, tmp_path: Path, one_process) -> None:
     # README "Many machines": machine 0 and machine 1 each run accelerate launch with --num_machines 2, one process
     # each; machine 1 works in its own checkout with the same inputs (its outputs are not kept)
-    run_stage("sft")
-    one = weights(keep(workspace, "models/sft", "one"))
+    one = weights(one_process("in_process", "sft") / "models/sft")
+    without_output(workspace, "sft")  # machine 1's checkout gets no models/sft: only machine 0 may write one
     set_params(workspace, launch={"sft": TWO_PROCESSES})
     other = tmp_path / "machine1"
-    shutil.copytree(workspace, other, ignore=shutil.ignore_patterns("kept"))
+    shutil.copytree(workspace, other)
     port = str(free_port())
 
     def machine(rank: int, folder: Path) -> subprocess.Popen:
