@@ -150,7 +150,9 @@ def run_one(upstream: Path, folder: Path, overrides: dict, seed: int, threads: i
     (folder / "models").mkdir(parents=True)
     for name in UPSTREAM_OUTPUTS:
         (folder / name).symlink_to(upstream / name, target_is_directory=True)
-    params = yaml.safe_load((upstream / "params.yaml").read_text())
+    # the repository's params.yaml (its ppo, dpo and evaluate sections as they are now); the upstream sections match
+    # what built <workdir>/upstream unless params.yaml changed since
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seed"] = seed
     merge(params, overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
