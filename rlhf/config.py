@@ -225,11 +225,13 @@ class DPOConfig:
     """The `ppo` stage with ``ppo.algorithm: dpo``: offline DPO from the SFT model on data/preferences (§4b)."""
 
     loss: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
-    beta: float = 0.1  # β: strength of the implicit KL to the SFT reference (IPO: the margin target is 1/(2β))
+    # β: strength of the implicit KL to the SFT reference (IPO: the margin target is 1/(2β)); tuned on the embedded
+    # default with the learning rate (docs/algorithms.md)
+    beta: float = 0.25
     label_smoothing: float = 0.0  # conservative DPO (cDPO): the share of labels assumed flipped, in [0, 0.5)
     epochs: int = 1  # passes over the preference pairs
     batch_size: int = 64  # pairs per step, over all processes
-    learning_rate: float = 1e-4  # peak AdamW learning rate (linear warm-up, linear decay)
+    learning_rate: float = 3e-4  # peak AdamW learning rate (linear warm-up, linear decay)
     warmup_steps: int = 20  # linear warm-up
     max_grad_norm: float = 1.0  # gradient-norm clipping
     gradient_accumulation_steps: int = 1  # micro-batches per step on each process

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if params.ppo.algorithm == "dpo":  # the offline alternative: same stage, inputs and outputs (tasks/dpo.py)
         from tasks import dpo
 
-        return dpo.main(args, params)
+        return dpo.main(args, params.dpo, params.ppo, params.launch.for_stage("ppo"), params.stage_seed("ppo"))
     with refuse_bad_input():  # cheap checks only (params, prompts, model folders, tokenizers), before any model loads
         config = params.ppo
         prompts = read_records(args.prompts, data.validate_prompts)

@@ -44,7 +44,7 @@ def check_rollout(batch: Experience, iteration: int, config: PPOConfig) -> None:
             "the reward model (models/reward) scored a response NaN/inf: "
             "check models/reward/reward_normalization.json and rerun the reward stage"
             if config.reward == "model"
-            else f"the rule ppo.reward = {config.reward!r} returned NaN/inf for a response: make it return finite floats"
+            else f"the rule ppo.reward = {config.reward!r} returned NaN/inf for a response: make it return floats"
         )
         raise NonFiniteIteration(iteration, *scores, hint, "before the optimiser steps")
     found = first_non_finite(

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,14 +289,62 @@ CASES = [
 ]
 
 
+TEST_OF_EACH_CASE = "test_bad_input_is_refused_up_front_and_leaves_every_output_untouched"
+STAGE_PROCESSES_AT_ONCE = 2  # a refused stage process mostly imports, on one core: CI's 2 cores run two at a time
+
+
+class Refusals:
+    """Each case's run: its own copy of the fully built workspace, damaged, its inventory, and the stage's process.
+
+    ``refusals(case)`` → (workspace, inventory before the run, the process's future). On the first call every case
+    this session runs is damaged in its own copy and its stage process started, STAGE_PROCESSES_AT_ONCE at a time in
+    the background; each case's test then waits for its own process. The processes are independent (each in its own
+    folder), and are the ones a case ran alone before: the same command, in the same damaged workspace.
+    """
+
+    def __init__(self, pipeline_workspace: Path, folders: pytest.TempPathFactory, selected: list[Case]) -> None:
+        self.pipeline_workspace, self.folders, self.selected = pipeline_workspace, folders, selected
+        self.pool = ThreadPoolExecutor(max_workers=STAGE_PROCESSES_AT_ONCE)
+        self.runs: dict[str, tuple[Path, dict[str, str], Future]] = {}
+
+    def start(self, case: Case) -> None:
+        workspace = self.folders.mktemp("bad_input") / "workspace"
+        shutil.copytree(self.pipeline_workspace, workspace)
+        try:
+            case.damage(workspace)
+        except Exception as error:  # raised by this case's own test, not by the test that started every case
+            failed: Future = Future()
+            failed.set_exception(error)
+            self.runs[case.name] = (workspace, {}, failed)
+            return
+        before = workspace_inventory(workspace)
+        self.runs[case.name] = (workspace, before, self.pool.submit(run_stage_process, case.stage, workspace))
+
+    def __call__(self, case: Case) -> tuple[Path, dict[str, str], Future]:
+        if not self.runs:
+            for selected in self.selected:
+                self.start(selected)
+        if case.name not in self.runs:
+            self.start(case)
+        return self.runs[case.name]
+
+
+@pytest.fixture(scope="module")
+def refusals(pipeline_workspace: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == TEST_OF_EACH_CASE and item.path == request.path
+    ]
+    refusals = Refusals(pipeline_workspace, tmp_path_factory, selected)
+    yield refusals
+    refusals.pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name.replace(" ", "-") for case in CASES])
-def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(
-    case: Case, in_copy_of_workspace: Path
-) -> None:
-    workspace = in_copy_of_workspace
-    case.damage(workspace)
-    before = workspace_inventory(workspace)
-    result = run_stage_process(case.stage, workspace)
+def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(case: Case, refusals: Refusals) -> None:
+    workspace, before, process = refusals(case)
+    result = process.result()
     assert result.returncode == 2, result.stdout + result.stderr  # refused input, through tasks/launch.py too
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
