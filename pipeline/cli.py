@@ -33,6 +33,9 @@ def prefect_defaults() -> None:
     """Offline-friendly Prefect settings (no telemetry lookups); explicit user settings win."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # Prefect gives its temporary server 20 s to start; on a busy 2-core machine it took longer and the run failed
+    # before any stage ("Timed out while attempting to connect to ephemeral Prefect API server")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def publish_command(args: argparse.Namespace) -> int:
