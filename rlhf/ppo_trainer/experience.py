@@ -68,8 +68,9 @@ def policy_logprobs_and_values(
     responses: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, t) log-probs of the response tokens (logits / temperature) and (b, t) values V(s_i) before each token."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(b, t) log-probs of the response tokens (logits / temperature) and (b, t) values V(s_i) before each token
+    (None for a critic-free module)."""
     input_ids, attention_mask = joined(query_ids, query_mask, responses, response_mask)
     # the logit at position i predicts token i+1: response tokens are predicted from q−1 … q+t−2
     logits, values = trainable(input_ids, attention_mask, response_start=query_ids.shape[1])
