@@ -33,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from support import stage_command  # noqa: E402  (dvc.yaml's commands, as the tests run them)
+from support import merge_params, stage_command  # noqa: E402  (dvc.yaml's commands and params, as the tests use them)
 
 UPSTREAM_STAGES = ("prepare", "sft", "sample_pairs", "label", "reward")
 UPSTREAM_OUTPUTS = ("data", "models/base", "models/sft", "models/reward", "configs")
@@ -135,14 +135,6 @@ def build_upstream(workdir: Path) -> Path:
     return upstream
 
 
-def merge(into: dict, values: dict) -> None:
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def run_one(upstream: Path, folder: Path, overrides: dict, seed: int, threads: int) -> dict:
     """ppo + evaluate for one (algorithm, seed) on the shared upstream; returns the table's numbers."""
     if folder.exists():
@@ -154,7 +146,7 @@ def run_one(upstream: Path, folder: Path, overrides: dict, seed: int, threads: i
     # what built <workdir>/upstream unless params.yaml changed since
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seed"] = seed
-    merge(params, overrides)
+    merge_params(params, overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     seconds, cpu_seconds = run_stage("ppo", folder, threads)
     run_stage("evaluate", folder, threads)

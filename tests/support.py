@@ -37,18 +37,19 @@ def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def merge_params(into: dict, values: dict) -> None:
+    """Nested update of a params mapping: mappings merge key by key, anything else replaces."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_params(into[key], value)
+        else:
+            into[key] = value
+
+
 def set_params(folder: Path, **sections: dict) -> None:
     """Update sections of ``folder``'s params.yaml; nested mappings (``launch={"sft": {…}}``) merge key by key."""
-
-    def merge(into: dict, values: dict) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    merge(params, sections)
+    merge_params(params, sections)
     write_params(folder, params)
 
 

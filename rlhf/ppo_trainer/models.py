@@ -22,6 +22,7 @@ from rlhf.config import PPOConfig
 from rlhf.modeling import (
     RewardNormalization,
     add_lora,
+    causal_lm_logits,
     enable_gradient_checkpointing,
     load_policy,
     load_scalar_model,
@@ -124,13 +125,7 @@ class PolicyOnly(nn.Module):
         keep = slice(None) if response_start is None else slice(response_start - 1, -1)
         if self.lean:
             return lean.lm_logits(self.policy, lean.full_forward(self.policy, input_ids, attention_mask)[:, keep]), None
-        logits = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).logits
-        return logits[:, keep], None
+        return causal_lm_logits(self.policy, input_ids, attention_mask, lean=False)[:, keep], None
 
 
 @dataclass
