@@ -22,7 +22,7 @@ What runs. A scratch workspace (params.yaml of the repository with a tiny model,
    SFT data (their chosen side) and prompts, to see prepare itself at N rows (the embedded prepare of step 1 does not
    read them). Skip with ``--no-prepare-import``.
 
-``--reward-until checkpoint`` stops the reward stage (SIGKILL to its process group) at its first ``@rlhf`` line with
+``--reward-until checkpoint`` stops the reward stage (SIGKILL to its process group) at its first event with
 ``event`` ``checkpoint`` (step ``reward.resume_every`` = 100 of 64 pairs) or ``progress``, whichever comes first: on
 1 M rows a whole epoch would take hours on 2 cores, while everything that grows with the rows (reading, validating
 and length-checking every row, the content hash of the inputs, the epoch's shuffled order) happens before step 1.
@@ -32,7 +32,7 @@ What is measured, per stage process tree (the stage and, for the reward stage, a
 - ``peak_rss_mib``: the largest peak RSS of one process of the tree (the kernel's high-water mark: ``ru_maxrss`` of
   ``wait4`` and ``VmHWM`` of /proc/PID/status, read every 0.1 s and just before a kill);
 - ``peak_tree_rss_mib``: the largest sum of the tree's RSS over the 0.1 s samples (launcher + stage process);
-- ``wall_s``: from the start of the command to its exit (or to the kill), and the time of each ``@rlhf`` event;
+- ``wall_s``: from the start of the command to its exit (or to the kill), and the time of each stage event;
 - a timeline of the tree's RSS every 0.5 s.
 
 ``--profile`` instead runs small programs, each in a fresh process, that call the same library functions as the
@@ -75,6 +75,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from flows.stages import EventTail  # noqa: E402
+from tasks.stage_io import EVENTS_DIR  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 MIB = 1024 * 1024
 POLL_S = 0.1
@@ -195,8 +199,13 @@ def measure(
     env: dict | None = None,
 ) -> dict:
     """Run ``command`` in its own process group; its peak RSS (largest process; sampled sum of the tree), wall time,
-    ``@rlhf`` events and RSS timeline. ``stop(event)`` true kills the group (after reading every peak)."""
+    stage events (the stages' events files, tasks/stage_io.py) and RSS timeline. ``stop(event)`` true kills the group
+    (after reading every peak)."""
     log(f"$ (cd {cwd} && {shlex.join(command)})")
+    events_dir = cwd / EVENTS_DIR
+    for old in events_dir.glob("*.jsonl"):
+        old.unlink()  # each stage run then writes its file once: the tails below read it from its start
+    tails: dict[Path, EventTail] = {}
     start = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -215,11 +224,11 @@ def measure(
         for line in process.stdout:
             elapsed = time.perf_counter() - start
             log(f"[{elapsed:8.2f}s] {line.rstrip()}")
-            if line.startswith("@rlhf "):
-                try:
-                    record = json.loads(line[len("@rlhf ") :])
-                except json.JSONDecodeError:
-                    continue
+
+    def read_events() -> None:
+        for path in sorted(events_dir.glob("*.jsonl")):
+            for record in tails.setdefault(path, EventTail(path)).read():
+                elapsed = time.perf_counter() - start
                 record = {"t": round(elapsed, 2), **{k: v for k, v in record.items() if k != "time"}}
                 events.append(record)
                 if stop(record):
@@ -241,6 +250,7 @@ def measure(
             entry["hwm_kib"] = max(entry["hwm_kib"], status_kib(member.pid, "VmHWM"))
             tree_kib += status_kib(member.pid, "VmRSS")
         peak_tree_kib = max(peak_tree_kib, tree_kib)
+        read_events()
         elapsed = time.perf_counter() - start
         if elapsed >= next_sample:
             timeline.append([round(elapsed, 2), round(tree_kib / 1024, 1)])
@@ -260,6 +270,7 @@ def measure(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # a grandchild the group kill raced with
     reader.join(timeout=10)
+    read_events()
     processes = [{"process": v["name"], "peak_rss_mib": round(v["hwm_kib"] / 1024, 1)} for v in peaks.values()]
     peak_kib = max([rusage_kib, *(v["hwm_kib"] for v in peaks.values())])
     result = {

@@ -1,0 +1,1 @@
+"""The Prefect flows (lifecycle, retraining, human labelling, publishing) and what a person sees of them."""

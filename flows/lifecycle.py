@@ -13,8 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
+from flows.console import console
 from flows.labeling import collect_human_labels
+from flows.notify import notify_failure
 from flows.stages import StageOutcome, run_stage
 from pipeline.lock import workspace_lock
 from pipeline.workspace import stage_names
@@ -33,7 +36,7 @@ def stage_task(stage: str, retries: dict[str, int], stage_timeout_s: float | Non
     return run_stage.with_options(**options)
 
 
-@flow(name="rlhf-lifecycle", log_prints=True)
+@flow(name="rlhf-lifecycle", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
 def lifecycle(
     repo_dir: str = ".",
     stage_timeout_s: float | None = None,
@@ -55,6 +58,10 @@ def lifecycle(
     retries = STAGE_RETRIES if stage_retries is None else stage_retries
     with workspace_lock(repo, wait_for_lock_s, "rlhf-lifecycle flow") as lock:
         logger.info("holding the workspace lock %s", lock)
+        console().line(
+            f"rlhf-lifecycle: flow run '{flow_run.name}' on {repo} ({len(stage_names(repo))} stages; DVC reruns what "
+            f"changed) · Prefect UI: {flow_run.ui_url}"
+        )
         return run_stages(repo, stage_timeout_s, label_batch_size, label_batches, label_timeout_s, retries)
 
 
@@ -71,15 +78,17 @@ def run_stages(
     results: dict[str, dict] = {}
     for stage in stage_names(repo):
         if stage == "label" and load_params(Path(repo, "params.yaml")).label.annotator == "human":
+            console().line(
+                f"label: waiting for human labels: open {flow_run.ui_url} (the paused subflow run), press Resume and "
+                "answer the form"
+            )
             labelling = collect_human_labels(
                 repo, batch_size=label_batch_size, n_batches=label_batches, timeout_s=label_timeout_s
             )
-            logger.info(
-                "human labels: %d new, %d skipped (%s)",
-                labelling["labelled"],
-                labelling["skipped"],
-                labelling["labels_file"],
-            )
+            new, skipped, where = (labelling[k] for k in ("labelled", "skipped", "labels_file"))
+            done = f"human labels: {new} new, {skipped} skipped ({where})"
+            logger.info(done)
+            console().line(f"label: {done}")
         state = stage_task(stage, STAGE_RETRIES if retries is None else retries, stage_timeout_s)(
             stage, repo, return_state=True
         )

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lifecycle import lifecycle
+from flows.notify import notify_failure
 from flows.publish import publish_task
 from pipeline.lineage import LOCK_FILE, git_commit
 from pipeline.lock import workspace_lock
@@ -69,7 +70,7 @@ def promote(repo_dir: str, metrics: dict) -> dict:
     return record
 
 
-@flow(name="rlhf-retrain", log_prints=True)
+@flow(name="rlhf-retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
 def retrain(
     repo_dir: str = ".",
     metric: str = "gold_win_rate",

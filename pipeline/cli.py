@@ -1,6 +1,8 @@
 """`rlhf`: the command-line front door.
 
-    rlhf run                   run the pipeline as the Prefect flow `rlhf-lifecycle` (DVC decides what reruns)
+    rlhf run [--verbose]       run the pipeline as the Prefect flow `rlhf-lifecycle` (DVC decides what reruns): per
+                               stage a start line, a progress bar and a summary; each stage's whole output in
+                               .rlhf/logs/STAGE.log (--verbose: here too, with Prefect's own log lines)
     rlhf repro                 the same without Prefect: plain `dvc repro`
     rlhf stage NAME            reproduce one stage and its out-of-date upstream stages (`dvc repro NAME`)
     rlhf status                out-of-date stages (`dvc status`)
@@ -29,9 +31,18 @@ from pipeline.lock import WorkspaceBusy, workspace_lock
 from pipeline.workspace import dvc, stage_names
 
 
-def prefect_defaults() -> None:
-    """Offline-friendly Prefect settings (no telemetry lookups); explicit user settings win."""
+def prefect_defaults(verbose: bool = False) -> None:
+    """Offline-friendly Prefect settings (no telemetry lookups); explicit user settings win.
+
+    Without ``verbose`` Prefect's console handler shows only critical records: the console belongs to flows/console.py
+    (start, progress, summary and failure lines) while every log line still reaches the Prefect UI.
+    """
+    if verbose:
+        os.environ["RLHF_VERBOSE"] = "1"  # the stages keep their libraries' progress bars; the console echoes output
+    else:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client side of the same (Prefect prints a notice in a terminal)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     # Prefect gives its temporary server 20 s to start; on a busy 2-core machine it took longer and the run failed
     # before any stage ("Timed out while attempting to connect to ephemeral Prefect API server")
@@ -91,10 +102,31 @@ def locked(command: Callable[[], int], wait_s: float, what: str) -> int:
 
 
 def run_lifecycle(stage_timeout_s: float | None) -> int:
+    import time
+
+    from flows.console import console, duration
     from flows.lifecycle import lifecycle
 
+    started = time.monotonic()
     state = lifecycle(repo_dir=".", stage_timeout_s=stage_timeout_s, return_state=True)
-    return 0 if state.is_completed() else 1
+    took = duration(time.monotonic() - started)
+    if state.is_completed():
+        console().line(f"rlhf run: done in {took}. {run_summary(state.result())}")
+        return 0
+    console().line(
+        f"rlhf run: FAILED after {took} ({state.message or state.name}). Fix the cause and run `rlhf run` again: "
+        "finished stages are skipped and ppo resumes from its last checkpoint."
+    )
+    return 1
+
+
+def run_summary(results: dict[str, dict]) -> str:
+    """What a finished run produced: the evaluation's key results and where the release is."""
+    from flows.artifacts import stage_summary
+
+    evaluation = results.get("evaluate", {}).get("metrics", {})
+    text = f"Policy vs SFT: {stage_summary('evaluate', evaluation)}. " if evaluation else ""
+    return text + "Metrics: `dvc metrics show`; curves: `dvc plots show`; release: models/release."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline as a Prefect flow")
     run.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage's task times out")
+    run.add_argument("--verbose", action="store_true", help="also show each stage's own output and Prefect's log lines")
     add_lock_option(run)
     add_lock_option(commands.add_parser("repro", help="run the pipeline with plain dvc repro"))
     stage = commands.add_parser("stage", help="reproduce one stage (and its out-of-date upstream stages)")
@@ -138,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return locked(lambda: dvc("repro", args.name), args.wait_for_lock, f"rlhf stage {args.name}")
     if args.command == "status":
         return dvc("status")
-    prefect_defaults()
+    prefect_defaults(verbose=getattr(args, "verbose", False))
     if args.command == "run":
         # the lock is taken here, before a temporary Prefect server starts; the flow takes it again (re-entrant)
         return locked(lambda: run_lifecycle(args.stage_timeout), args.wait_for_lock, "rlhf run (rlhf-lifecycle flow)")

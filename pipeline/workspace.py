@@ -42,6 +42,14 @@ def stage_metrics_files(repo_dir: str | Path, stage: str) -> list[Path]:
     return [Path(repo_dir, name) for name in files]
 
 
+def stage_outputs(repo_dir: str | Path, stage: str) -> list[str]:
+    """The paths a stage writes as dvc.yaml's ``outs`` (metrics and plots files not included)."""
+    return [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for entry in _stage_specs(repo_dir)[stage].get("outs", [])
+    ]
+
+
 def stage_environment(unbuffered: bool = False) -> dict[str, str]:
     """The environment stage commands run in: `python` and `accelerate` resolve to this installation's interpreter.
 
@@ -51,6 +59,8 @@ def stage_environment(unbuffered: bool = False) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if env.get("RLHF_VERBOSE", "") in ("", "0"):  # `--verbose` keeps the libraries' progress bars
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading and shard-writing bars
     if unbuffered:
         env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -343,7 +343,7 @@ class ResumeCheckpoints:
     Every method is called on every process; the main process alone writes ``state.pt`` and deletes, and only it
     reports through ``notify(event, fields)``: ``resumed`` {step}, ``checkpoint`` {step, seconds},
     ``checkpoint_discarded`` {reason} and ``checkpoint_unsupported`` {reason} (the stage programs forward these as
-    ``@rlhf`` lines). ``noun`` and ``unit`` word the sentence of :meth:`kept` ("checkpoint", "step" by default).
+    events). ``noun`` and ``unit`` word the sentence of :meth:`kept` ("checkpoint", "step" by default).
     """
 
     folder: Path

@@ -3,7 +3,8 @@ pairs, offline: no sampling and no reward model in the loop (docs/design.md §4b
 
     python -m tasks.launch -m tasks.ppo \
         --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --preferences data/preferences \
-        --out models/policy --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv
+        --out models/policy --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv \
+        --live dvclive/ppo
 
 tasks/ppo.py reads params.yaml and hands over what DPO reads (``main(args, params.dpo, params.ppo, launch, seed)``); the
 paths are the PPO stage's. DPO reads
@@ -16,6 +17,7 @@ writes, so `evaluate` and `release` take either:
 - models/policy_checkpoints/step-N: the same format every dpo.snapshot_every steps and the last (evaluate scores
   them for its over-optimisation curve);
 - plots/ppo.csv: one row per step, the ``dpo/…`` statistics (rlhf/dpo_training.py ``train_dpo``), which evaluate plots;
+  the same curves as DVCLive metrics in dvclive/ppo;
 - metrics/ppo.json: ``algorithm: dpo``, the final and tail-mean statistics, held-out preference accuracy, time and
   peak memory.
 
@@ -44,7 +46,7 @@ from rlhf.modeling import count_parameters, load_policy, load_tokenizer, max_pos
 from rlhf.ppo_trainer.snapshots import save_policy
 from rlhf.training import Prepared, exported_model, micro_batch_size
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, emit, fail, progress_logger, refuse_bad_input, tune_malloc_for_training
+from tasks.stage_io import EXIT_DIVERGED, TrainingLog, emit, fail, refuse_bad_input, tune_malloc_for_training
 
 
 def read_preferences(folder: Path, tokenizer, limit: int | None) -> dict[str, list[dict]]:
@@ -130,7 +132,7 @@ def main(args: argparse.Namespace, config: DPOConfig, ppo: PPOConfig, launch: La
             splits["train"],
             splits["eval"],
             accelerator,
-            progress_logger("ppo") if main_process else (lambda record: None),
+            TrainingLog("ppo", args.live, main_process),
             snapshot_saver(snapshots, tokenizer, ppo),
         )
     except NonFiniteError as error:

@@ -28,7 +28,7 @@ from rlhf.files import read_csv, write_csv, write_json, write_text
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
-from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, start_events
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
@@ -54,6 +54,7 @@ def render_plots(curve: list[dict], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_events("evaluate")  # this run's events only (.rlhf/logs/evaluate.jsonl)
     args = parse_paths(
         argv,
         "python -m tasks.evaluate",

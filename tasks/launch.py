@@ -17,6 +17,8 @@ Machines other than the first of a multi-node launch run that accelerate command
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -48,6 +50,10 @@ def run_accelerate(arguments: list[str]) -> int:
     """`accelerate launch` with ``arguments`` in this process; the stage's exit code (the first failed rank's)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if os.environ.get("RLHF_VERBOSE", "") in ("", "0"):
+        # its "values were not passed … defaults used instead" warning on every CPU launch: the defaults are intended
+        logging.getLogger("accelerate.commands.launch").setLevel(logging.ERROR)
 
     try:
         launch_command(launch_command_parser().parse_args(arguments))

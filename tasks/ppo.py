@@ -4,13 +4,15 @@
     python -m tasks.launch -m tasks.ppo \
         --sft models/sft --reward models/reward --prompts data/prompts/train.jsonl --preferences data/preferences \
         --out models/policy \
-        --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv
+        --snapshots models/policy_checkpoints --metrics metrics/ppo.json --history plots/ppo.csv \
+        --live dvclive/ppo
 
 (`accelerate launch` with params.yaml's `launch` for ppo: tasks/launch.py; the paths as dvc.yaml passes them).
 
 Every process loads the models; only the main process logs and writes models/policy, metrics/ppo.json,
-plots/ppo.csv and the policy snapshots models/policy_checkpoints/step-N (every ppo.snapshot_every iterations and the
-last; the evaluate stage scores them for the over-optimisation curve). Profiles and memory options: docs/design.md §6.
+plots/ppo.csv, the DVCLive metrics and curves dvclive/ppo (every iteration's statistics) and the policy snapshots
+models/policy_checkpoints/step-N (every ppo.snapshot_every iterations and the last; the evaluate stage scores them for
+the over-optimisation curve). Profiles and memory options: docs/design.md §6.
 
 Crash safety: every ppo.resume_every iterations a resume checkpoint goes to .rlhf/checkpoints/ppo (outside DVC's
 outs, which DVC deletes before a rerun); a rerun with the same params, inputs and launch resumes from it. The policy
@@ -39,13 +41,14 @@ from rlhf.ppo_trainer.snapshots import PolicySnapshots, save_policy
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
 from tasks.stage_io import (
     EXIT_DIVERGED,
+    TrainingLog,
     checkpoint_events,
     emit,
     fail,
     parse_paths,
-    progress_logger,
     refuse_bad_input,
     release_free_heap,
+    start_events,
     tune_malloc_for_training,
 )
 
@@ -68,8 +71,9 @@ def peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_events("ppo")  # this run's events only (.rlhf/logs/ppo.jsonl)
     args = parse_paths(
-        argv, "accelerate launch … -m tasks.ppo", "sft reward prompts preferences out snapshots metrics history"
+        argv, "accelerate launch … -m tasks.ppo", "sft reward prompts preferences out snapshots metrics history live"
     )
     with refuse_bad_input():
         params = load_params()
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(seed)
     models = load_ppo_models(config, args.sft, args.reward)
     prepared = prepare_training(models, config, accelerator)
-    log = progress_logger("ppo") if accelerator.is_main_process else (lambda record: None)
+    log = TrainingLog("ppo", args.live, accelerator.is_main_process)
     if accelerator.is_main_process:
         trainable = sum(p.numel() for p in prepared.module.parameters() if p.requires_grad)
         emit(
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         replace_folder(staging, args.out)
         replace_folder(snapshots.folder, args.snapshots)
         write_csv(args.history, history)
+        if resume.step:  # the curves from iteration 1, not from the checkpoint
+            log.rewrite(history)
         last = history[-1]
         tail = history[
             -max(1, len(history) // 10) :
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run() -> None:
-    """main(), with a deliberate stop (bad input: exit 2, diverged: exit 3) also reported as an ``@rlhf failed`` event:
+    """main(), with a deliberate stop (bad input: exit 2, diverged: exit 3) also reported as a ``failed`` event:
     `accelerate launch` and `dvc repro` exit 1 / 255 whatever the stage's status, and the Prefect flow must tell a
     stop that a retry cannot fix from a crash that a retry resumes (flows/stages.py)."""
     try:

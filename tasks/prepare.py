@@ -18,7 +18,7 @@ from rlhf.files import replace_folder, staging_folder, write_json, write_jsonl
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
 from rlhf.params import load_params
 from rlhf.validation import check_tokenizer_fits_model
-from tasks.stage_io import emit, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, parse_paths, refuse_bad_input, start_events
 
 
 def end_turns_with_eos(tokenizer, base_model: str) -> None:
@@ -63,6 +63,7 @@ def load_real_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_events("prepare")  # this run's events only (.rlhf/logs/prepare.jsonl)
     args = parse_paths(argv, "python -m tasks.prepare", "sft_data prompts base metrics")
     with refuse_bad_input():  # params, tokenizer and text data are checked before any model is built or loaded
         params = load_params()

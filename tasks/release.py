@@ -17,7 +17,7 @@ from rlhf.config import as_dict
 from rlhf.files import read_csv, replace_folder, staging_folder
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, read_json_object
-from tasks.stage_io import emit, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, parse_paths, refuse_bad_input, start_events
 
 RELEASE_FILES = (
     "model.safetensors",
@@ -32,6 +32,7 @@ RELEASE_FILES = (
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_events("release")  # this run's events only (.rlhf/logs/release.jsonl)
     args = parse_paths(
         argv, "python -m tasks.release", "policy evaluate_metrics reward_metrics ppo_metrics samples curve plots+ out"
     )

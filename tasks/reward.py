@@ -1,10 +1,11 @@
 """Stage `reward`: Bradley–Terry reward model, initialised from the SFT model, scores normalised on SFT samples.
 
     python -m tasks.launch -m tasks.reward --sft models/sft --preferences data/preferences --pairs data/pairs \
-        --out models/reward --metrics metrics/reward.json
+        --out models/reward --metrics metrics/reward.json --live dvclive/reward
 
 (`accelerate launch` with params.yaml's `launch`: tasks/launch.py). Every process trains on its share of each batch;
-the main process normalises the scores and writes models/reward (LoRA merged) and the metrics.
+the main process normalises the scores and writes models/reward (LoRA merged) and the metrics; its training
+curves go to dvclive/reward (DVCLive: tasks/stage_io.py TrainingLog).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer
 from rlhf.params import load_params
 from rlhf.training import micro_batch_size, raw_scores, train_reward_model
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
+from tasks.stage_io import (
+    EXIT_DIVERGED,
+    TrainingLog,
+    checkpoint_events,
+    emit,
+    fail,
+    parse_paths,
+    refuse_bad_input,
+    start_events,
+)
 
 N_NORMALIZATION_SAMPLES = 2048
 
@@ -35,7 +45,8 @@ def annotator_agreement(rows: list[dict]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_paths(argv, "python -m tasks.reward", "sft preferences pairs out metrics")
+    start_events("reward")  # this run's events only (.rlhf/logs/reward.jsonl)
+    args = parse_paths(argv, "python -m tasks.reward", "sft preferences pairs out metrics live")
     samples_file = args.pairs / "samples.jsonl"
     with refuse_bad_input():  # cheap checks only: params, preference pairs, the SFT folder and its tokenizer
         params = load_params()
@@ -72,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         processes=processes_of(accelerator),
     )
     checkpoints.open(unsupported=unsupported_resume(accelerator))
-    log = progress_logger("reward") if accelerator.is_main_process else (lambda record: None)
+    log = TrainingLog("reward", args.live, accelerator.is_main_process)
     try:
         model, metrics = train_reward_model(
             model, tokenizer, config, seed, splits["train"], splits["eval"], accelerator, log, checkpoints

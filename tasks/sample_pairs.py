@@ -17,10 +17,11 @@ from rlhf.generation import decode_responses, rank_seed, sample_batches
 from rlhf.modeling import check_prompts_fit, load_policy, load_tokenizer, set_seed
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, start_events
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_events("sample_pairs")  # this run's events only (.rlhf/logs/sample_pairs.jsonl)
     args = parse_paths(argv, "python -m tasks.sample_pairs", "sft prompts out metrics")
     with refuse_bad_input():  # cheap checks only: params, prompts, the SFT folder and its tokenizer
         params = load_params()

@@ -1,9 +1,11 @@
 """Stage `sft`: supervised fine-tuning of the base model on demonstrations (loss on response tokens).
 
-    python -m tasks.launch -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json
+    python -m tasks.launch -m tasks.sft --base models/base --data data/sft --out models/sft --metrics metrics/sft.json \
+        --live dvclive/sft
 
 (`accelerate launch` with params.yaml's `launch`: tasks/launch.py). Every process trains on its share of each batch;
-the main process writes models/sft (LoRA merged) and the metrics.
+the main process writes models/sft (LoRA merged) and the metrics; its training curves go to
+dvclive/sft (DVCLive: tasks/stage_io.py TrainingLog).
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.params import load_params
 from rlhf.training import micro_batch_size, train_sft
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import EXIT_DIVERGED, checkpoint_events, emit, fail, parse_paths, progress_logger, refuse_bad_input
+from tasks.stage_io import (
+    EXIT_DIVERGED,
+    TrainingLog,
+    checkpoint_events,
+    emit,
+    fail,
+    parse_paths,
+    refuse_bad_input,
+    start_events,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_paths(argv, "python -m tasks.sft", "base data out metrics")
+    start_events("sft")  # this run's events only (.rlhf/logs/sft.jsonl)
+    args = parse_paths(argv, "python -m tasks.sft", "base data out metrics live")
     with refuse_bad_input():  # cheap checks only: params, demonstrations, the base folder and its tokenizer
         params = load_params()
         train_rows = read_records(args.data / "train.jsonl", data.validate_demonstrations)
@@ -54,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         processes=processes_of(accelerator),
     )
     checkpoints.open(unsupported=unsupported_resume(accelerator))
-    log = progress_logger("sft") if accelerator.is_main_process else (lambda record: None)
+    log = TrainingLog("sft", args.live, accelerator.is_main_process)
     try:
         model, metrics = train_sft(
             model, tokenizer, train_rows, eval_rows, params.sft, seed, accelerator, log, checkpoints

@@ -1,8 +1,13 @@
-"""What every stage program shares and the library must not do: progress lines on stdout, the one-line refusal
-that exits the process, and process-wide malloc tuning (docs/design.md §3).
+"""What every stage program shares and the library must not do: its events, the one-line refusal that exits the
+process, and process-wide malloc tuning (docs/design.md §3).
 
-Progress lines are single-line JSON objects ``@rlhf {"stage": …, "event": …, …}`` so an orchestrator (the Prefect
-flow) can turn them into progress bars and tables while the stage runs; everything else on stdout is plain log text.
+Two audiences, two channels (docs/design.md §9):
+- machines: each event (start, progress, checkpoint, metrics, failed) is one JSON line ``{"stage", "event", "time",
+  …}`` appended to ``.rlhf/logs/STAGE.jsonl`` (:func:`events_file`); the Prefect flow tails it for its progress
+  artifacts and its console, tests and benchmarks read it (:func:`read_events`). Each stage program starts it empty
+  (:func:`start_events`), so it holds the latest run's events (a resumed run's begin with ``resumed``).
+- people: stdout carries short plain lines (what ``dvc repro`` shows): the stage's key numbers at most every tenth of
+  its loop (:data:`KEY_NUMBERS`) and its metrics when it ends.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from rlhf.validation import with_fix
 
-PROGRESS_PREFIX = "@rlhf "  # marks a machine-readable progress line
+EVENTS_DIR = Path(".rlhf/logs")  # beside the resume checkpoints, outside DVC's outs; relative to the repo root
 EXIT_BAD_INPUT = 2  # refused before any expensive work: a rerun fails the same way
 EXIT_DIVERGED = 3  # NaN/inf in training (rlhf.guards.NonFiniteError): the last good checkpoint is kept
 
@@ -41,15 +46,129 @@ def parse_paths(argv: list[str] | None, program: str, names: str) -> argparse.Na
     return parser.parse_args(argv)
 
 
+# The three or four numbers a person watches in each stage's loop: (event field, label). Shown by the stage's plain
+# lines and by the console of `rlhf run` (flows/console.py); every field still goes to the events file and DVCLive.
+KEY_NUMBERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sft": (("train/loss", "loss"), ("eval/loss", "eval loss")),
+    "reward": (("train/loss", "loss"), ("eval/accuracy", "eval accuracy")),
+    "ppo": (("objective/scores", "RM score"), ("objective/kl", "KL"), ("eps", "episodes/s")),
+    "dpo": (("dpo/loss", "loss"), ("dpo/accuracy", "accuracy"), ("dpo/rewards/margin", "margin")),
+}
+
+
+def events_file(stage: str, repo_dir: str | Path = ".") -> Path:
+    """The JSON-lines events file of ``stage`` (the latest run's events)."""
+    return Path(repo_dir, EVENTS_DIR, f"{stage}.jsonl")
+
+
+def start_events(stage: str) -> None:
+    """A stage program's first call: its events file starts empty, for this run's events (the main process clears it;
+    the other ranks of a launch only ever append)."""
+    _shown_tenths.pop(stage, None)
+    if os.environ.get("RANK", "0") == "0":
+        events_file(stage).unlink(missing_ok=True)
+
+
+def read_events(stage: str, repo_dir: str | Path = ".", event: str | None = None) -> list[dict]:
+    """The stage's recorded events, in order (only those named ``event`` if given); [] when there are none."""
+    path = events_file(stage, repo_dir)
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # a last line without its newline is still being written
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [record for record in records if event is None or record["event"] == event]
+
+
+_shown_tenths: dict[str, int] = {}  # stage -> the last tenth of its loop a plain progress line was printed for
+
+
 def emit(stage: str, event: str, **fields: object) -> None:
-    """Print one progress/metrics line, flushed so it streams."""
+    """Record one event (a JSON line in the stage's events file) and show a person its plain line on stdout."""
     record = {"stage": stage, "event": event, "time": round(time.time(), 3), **fields}
-    print(PROGRESS_PREFIX + json.dumps(record, default=float), flush=True)
+    path = events_file(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as out:  # one write of one line: lines of several processes never interleave
+        out.write(json.dumps(record, default=float) + "\n")
+    line = plain_line(record)
+    if line:
+        print(line, flush=True)
 
 
-def progress_logger(stage: str) -> Callable[[dict], None]:
-    """A ``log(record)`` callback for the training loops."""
-    return lambda record: emit(stage, "progress", **record)
+def key_numbers(record: dict) -> str:
+    """``RM score 1.23 · KL 2.10`` from a progress record (the fields of :data:`KEY_NUMBERS` it has)."""
+    fields = next(
+        (pairs for pairs in KEY_NUMBERS.values() if any(name in record for name, _ in pairs)),
+        (),
+    )
+    return " · ".join(f"{label} {record[name]:.3g}" for name, label in fields if isinstance(record.get(name), float))
+
+
+def plain_line(record: dict) -> str | None:
+    """The line a person sees on the stage's stdout for an event, or None (progress: once per tenth of the loop)."""
+    stage, event = record["stage"], record["event"]
+    if event == "progress" and record.get("total"):
+        step, total = int(record["step"]), int(record["total"])
+        tenth = 10 * step // total
+        if tenth <= _shown_tenths.get(stage, -1):
+            return None
+        _shown_tenths[stage] = tenth
+        numbers = key_numbers(record)
+        return f"{stage}: {step}/{total}" + (f" · {numbers}" if numbers else "")
+    if event == "metrics":
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "time"]
+        return f"{stage}: done: " + ", ".join(shown[2:10]) + (" …" if len(shown) > 10 else "")
+    if event == "resumed":
+        return f"{stage}: resumed from step {record.get('step')}"
+    if event in ("checkpoint_discarded", "checkpoint_unsupported"):
+        return f"{stage}: {event.replace('_', ' ')}: {record.get('reason')}"
+    return None
+
+
+NOT_METRICS = frozenset({"step", "total", "time", "epoch"})  # progress fields that are coordinates, not metrics
+
+
+class TrainingLog:
+    """The ``log(record)`` of a training loop (sft, reward, ppo): each record a ``progress`` event and, on the main
+    process, DVCLive metrics at ``record["step"]`` under ``live_dir`` (``dvclive/STAGE``: ``metrics.json`` holds the
+    latest values for ``dvc exp show``, ``plots/metrics/<name>.tsv`` one curve per field for ``dvc plots diff``).
+
+    DVCLive only writes files: no experiment saving, no dvc.yaml edits (dvc.yaml declares the folder as the stage's
+    metrics and plots), no report, no timestamps (a rerun writes the same bytes).
+    """
+
+    def __init__(self, stage: str, live_dir: Path | None, main_process: bool = True):
+        self.stage, self.live_dir, self.main_process = stage, live_dir, main_process
+        self.live = self._open(resume=False) if main_process and live_dir is not None else None
+
+    def _open(self, resume: bool):
+        from dvclive import Live  # imported here: only main processes of training stages need it
+
+        return Live(
+            str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=False, monitor_system=False
+        )
+
+    def __call__(self, record: dict) -> None:
+        if not self.main_process:
+            return
+        emit(self.stage, "progress", **record)
+        if self.live is not None:
+            self._log_metrics(record)
+
+    def _log_metrics(self, record: dict) -> None:
+        self.live.step = int(record["step"])
+        for name, value in record.items():
+            if name not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.live.log_metric(name, float(value))
+        self.live.make_summary()
+
+    def rewrite(self, history: list[dict]) -> None:
+        """Make the DVCLive curves hold ``history`` from its first step: a resumed run logged only the steps after its
+        checkpoint (DVC deleted the folder before the rerun), but the full history came back with the checkpoint."""
+        if self.live is None:
+            return
+        self.live = self._open(resume=False)  # starts the folder afresh
+        for record in history:
+            self._log_metrics(record)
 
 
 def checkpoint_events(stage: str) -> Callable[[str, dict], None]:

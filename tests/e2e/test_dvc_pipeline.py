@@ -55,11 +55,43 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(repo: Path) -> None:
 def test_changing_a_ppo_param_reruns_only_ppo_evaluate_release(repo: Path) -> None:
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "pipeline outputs")
-    output = run(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "ppo.learning_rate=0.0002")
+    output = run(repo, sys.executable, "-m", "dvc", "exp", "run", "-n", "lr-2e-4", "-S", "ppo.learning_rate=0.0002")
     assert stages_run(output) == ["ppo", "evaluate", "release"]
     assert yaml.safe_load((repo / "params.yaml").read_text())["ppo"]["learning_rate"] == 0.0002
     shown = run(repo, sys.executable, "-m", "dvc", "exp", "show", "--json")
     assert "0.0002" in shown
+
+
+def experiment_metrics(shown: list[dict]) -> dict[str, dict]:
+    """`dvc exp show --json` → {experiment name: {metrics file: its metrics}} for the baseline's experiments."""
+    out = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for revision in experiment.get("revs") or []:
+                metrics = (revision.get("data") or {}).get("metrics") or {}
+                out[revision["name"]] = {path: entry["data"] for path, entry in metrics.items()}
+    return out
+
+
+def test_dvclive_metrics_compare_experiments_side_by_side(repo: Path, tmp_path: Path) -> None:
+    """DVCLive's files of sft, reward and ppo: `dvc exp show` lists each experiment's PPO metrics and `dvc plots diff`
+    draws both experiments' PPO curves."""
+    run(repo, sys.executable, "-m", "dvc", "exp", "run", "-n", "lr-5e-4", "-S", "ppo.learning_rate=0.0005")
+    experiments = experiment_metrics(json.loads(run(repo, sys.executable, "-m", "dvc", "exp", "show", "--json")))
+    assert {"lr-2e-4", "lr-5e-4"} <= set(experiments)
+    live = {name: experiments[name]["dvclive/ppo/metrics.json"] for name in ("lr-2e-4", "lr-5e-4")}
+    ppo = yaml.safe_load((repo / "params.yaml").read_text())["ppo"]
+    for metrics in live.values():  # the field names as logged, nested by DVC at "/"; the last iteration's values
+        assert metrics["step"] == ppo["iterations"] and {"kl", "scores"} <= set(metrics["objective"])
+    assert live["lr-2e-4"]["objective"] != live["lr-5e-4"]["objective"]
+    for stage in ("sft", "reward"):
+        assert "loss" in experiments["lr-5e-4"][f"dvclive/{stage}/metrics.json"]["train"]
+    table = run(repo, sys.executable, "-m", "dvc", "exp", "show", "--md", "--only-changed")
+    assert "objective.kl" in table and "lr-2e-4" in table and "lr-5e-4" in table
+    html = tmp_path / "plots"
+    run(repo, sys.executable, "-m", "dvc", "plots", "diff", "lr-2e-4", "lr-5e-4", "-o", str(html))
+    page = (html / "index.html").read_text()
+    assert "dvclive/ppo/plots/metrics/objective/kl.tsv" in page and "lr-2e-4" in page and "lr-5e-4" in page
 
 
 def stale_stages(repo: Path) -> set[str]:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,14 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 from support import make_tiny_repo, write_params  # noqa: E402
 
+import flows.console  # noqa: E402
+from flows.console import Console  # noqa: E402
 from flows.lifecycle import lifecycle  # noqa: E402
 from flows.retrain import gate, retrain  # noqa: E402
 from pipeline.workspace import stage_names  # noqa: E402
 
 pytestmark = pytest.mark.slow
+STAGE_ORDER = ("prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +44,41 @@ def task_runs_of(flow_run_id) -> list:
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_api, repo: Path):
-    state = lifecycle(repo_dir=str(repo), return_state=True)
+def console_log() -> io.StringIO:
+    """What the flows print for a person during this module's runs (as in a CI log: no terminal)."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, repo: Path, console_log: io.StringIO):
+    flows.console._console = Console(stream=console_log, tty=False)
+    try:
+        state = lifecycle(repo_dir=str(repo), return_state=True)
+    finally:
+        flows.console._console = None
     return state
+
+
+def test_the_console_names_every_stage_with_its_time_and_key_results(first_run, console_log: io.StringIO) -> None:
+    text = console_log.getvalue()
+    lines = text.splitlines()
+    assert lines[0].startswith("rlhf-lifecycle: flow run") and "Prefect UI: http" in lines[0]
+    for index, stage in enumerate(STAGE_ORDER, start=1):
+        started = [line for line in lines if line.startswith(f"[{index}/8] {stage} ") and " started " in line]
+        done = [line for line in lines if line.startswith(f"[{index}/8] {stage} ") and " done in " in line]
+        assert len(started) == 1 and len(done) == 1, (stage, text)
+    summaries = {line.split()[1]: line for line in lines if " done in " in line}
+    assert "eval loss" in summaries["sft"] and "held-out accuracy" in summaries["reward"]
+    assert "RM score" in summaries["ppo"] and "KL" in summaries["ppo"] and "→ models/policy" in summaries["ppo"]
+    assert "gold win rate" in summaries["evaluate"]
+    assert len(lines) <= 50 and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text)
+    for noise in (
+        '{"stage"',
+        "To track the changes with git",
+        "were not passed to `accelerate launch`",
+        "Loading weights",
+    ):
+        assert noise not in text
 
 
 def test_lifecycle_runs_one_task_per_dvc_stage_in_order(first_run, repo: Path) -> None:
@@ -58,16 +95,17 @@ def test_lifecycle_runs_one_task_per_dvc_stage_in_order(first_run, repo: Path) -
 def test_lifecycle_publishes_progress_metrics_and_evaluation_artifacts(first_run, repo: Path) -> None:
     progress = Artifact.get("ppo-progress")
     assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
-    assert "objective/scores" in progress.description
-    metrics = Artifact.get("stage-metrics")  # the latest: the evaluate stage's table
-    rows = json.loads(metrics.data) if isinstance(metrics.data, str) else metrics.data
+    assert "RM score" in progress.description and "KL" in progress.description
+    metrics = Artifact.get("stage-metrics")  # the latest: the evaluate stage's, its summary first
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    by_name = {row["metric"]: row["value"] for row in rows}
-    assert by_name["gold_win_rate"] == evaluation["gold_win_rate"]
+    assert metrics.type == "markdown" and metrics.data.startswith("# Stage `evaluate`")
+    assert f"**gold win rate {evaluation['gold_win_rate']:.3g}" in metrics.data
+    assert f"| gold_win_rate | {evaluation['gold_win_rate']:.3g} |" in metrics.data
     markdown = Artifact.get("evaluation")
-    assert (
-        markdown.type == "markdown" and "gold_win_rate" in markdown.data and "| prompt | SFT | PPO |" in markdown.data
-    )
+    assert markdown.type == "markdown" and markdown.data.startswith("# PPO policy vs SFT")
+    verdict_line = markdown.data.splitlines()[2]
+    assert verdict_line.startswith("**") and "gold judge" in verdict_line
+    assert markdown.data.index("## Gold judge") < markdown.data.index("## Cost") < markdown.data.index("| prompt |")
 
 
 def test_unchanged_stages_show_as_cached(first_run, repo: Path) -> None:

@@ -6,7 +6,7 @@ Checked for every case:
 - the exit code is non-zero;
 - stderr holds exactly one ``error:`` line, naming the file and the row/line/key, and a ``Fix:`` saying what to do
   (and no Python traceback other than the accelerate launcher's report of its child's exit code);
-- the stage did no work: no ``@rlhf`` record on stdout but a ``failed`` one (no start, progress, checkpoint, metrics);
+- the stage did no work: no event recorded but a ``failed`` one (no start, progress, checkpoint, metrics);
 - every file and folder of the workspace (models, data, metrics, plots, checkpoints, …) is byte-identical.
 """
 
@@ -30,16 +30,17 @@ from support import REPO, git_env, stage_command, write_params
 from pipeline.workspace import stage_names
 from rlhf import data
 from rlhf.files import write_jsonl
-from tasks.stage_io import PROGRESS_PREFIX
+from tasks.stage_io import EVENTS_DIR, events_file, read_events
 
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
 def workspace_inventory(root: Path) -> dict[str, str]:
-    """sha256 of every file and a marker for every folder under ``root`` (bytecode caches aside)."""
+    """sha256 of every file and a marker for every folder under ``root`` (bytecode caches and the stages' own event
+    logs aside)."""
     inventory = {}
     for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
+        if "__pycache__" in path.parts or path.is_relative_to(root / EVENTS_DIR):
             continue
         relative = str(path.relative_to(root))
         inventory[relative] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
@@ -52,10 +53,9 @@ def run_stage_process(stage: str, workspace: Path) -> subprocess.CompletedProces
     )
 
 
-def stage_events(stdout: str) -> set[str]:
-    """The events of the stage's ``@rlhf`` records (tasks/stage_io.py)."""
-    lines = [line[len(PROGRESS_PREFIX) :] for line in stdout.splitlines() if line.startswith(PROGRESS_PREFIX)]
-    return {json.loads(line).get("event") for line in lines}
+def stage_events(workspace: Path, stage: str) -> set[str]:
+    """The events the stage recorded (tasks/stage_io.py: its events file, removed before the run)."""
+    return {record["event"] for record in read_events(stage, workspace)}
 
 
 def edit_params(workspace: Path, section: str, **values: object) -> None:
@@ -317,6 +317,7 @@ class Refusals:
             failed.set_exception(error)
             self.runs[case.name] = (workspace, {}, failed)
             return
+        events_file(case.stage, workspace).unlink(missing_ok=True)  # the events of this run only
         before = workspace_inventory(workspace)
         self.runs[case.name] = (workspace, before, self.pool.submit(run_stage_process, case.stage, workspace))
 
@@ -355,7 +356,9 @@ def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(case: C
     assert "Fix: " in message
     exceptions = re.findall(r"^([\w.]+(?:Error|Exception))\b", result.stderr, flags=re.MULTILINE)
     assert exceptions == [], result.stderr  # no traceback, not even accelerate's of its failed child
-    assert stage_events(result.stdout) <= {"failed"}  # refused before any start/progress/metrics/checkpoint record
+    assert stage_events(workspace, case.stage) <= {
+        "failed"
+    }  # refused before any start/progress/metrics/checkpoint record
     assert workspace_inventory(workspace) == before
 
 

@@ -31,16 +31,16 @@ from support import REPO, git_env, make_tiny_repo, run_stage, set_params, stage_
 
 import rlhf.ppo_trainer.experience
 from rlhf.files import path_digest
+from tasks.stage_io import events_file, read_events
 
 ITERATIONS, RESUME_EVERY, SNAPSHOT_EVERY = 8, 2, 3  # resume checkpoints after 2, 4, 6; policy snapshots 3, 6, 8
 TIMING = {"timing/rollout", "timing/optimise", "timing/iteration", "eps"}  # wall-clock columns of plots/ppo.csv
 NOT_RESULTS = {"seconds", "episodes_per_second", "peak_rss_mib", "resumed_from_iteration"}  # metrics/ppo.json
 
 
-def events(output: str, event: str | None = None) -> list[dict]:
-    """The ppo stage's ``@rlhf`` records in ``output`` (of one event, if given)."""
-    records = [json.loads(line[len("@rlhf ") :]) for line in output.splitlines() if line.startswith("@rlhf ")]
-    return [r for r in records if r["stage"] == "ppo" and (event is None or r["event"] == event)]
+def events(workspace: Path, event: str | None = None) -> list[dict]:
+    """The ppo stage's events of its latest run in ``workspace`` (of one event, if given; tasks/stage_io.py)."""
+    return read_events("ppo", workspace, event)
 
 
 def set_ppo(workspace: Path, **values) -> None:
@@ -97,10 +97,11 @@ def run_ppo(workspace: Path, processes: int = 1) -> str:
         stdout, stderr = (
             (stream or b"").decode(errors="replace") for stream in (hung.stdout, hung.stderr)
         )  # bytes even with text=True
-        events = [line[:300] for line in stdout.splitlines() if line.startswith("@rlhf")]
+        recorded = [json.dumps(record)[:300] for record in events(workspace)]
         pytest.fail(
             f"{processes}-process ppo stage still running after 300 s; last events:\n"
-            + "\n".join(events[-6:])
+            + "\n".join(recorded[-6:])
+            + f"\nstdout:\n{stdout[-1500:]}"
             + "\nstderr:\n"
             + stderr[-3000:]
         )
@@ -109,9 +110,10 @@ def run_ppo(workspace: Path, processes: int = 1) -> str:
 
 
 def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, processes: int = 1) -> tuple[int, str]:
-    """Start the stage, SIGKILL all its processes ``delay`` s after the progress line of ``after_iteration``; returns
+    """Start the stage, SIGKILL all its processes ``delay`` s after the progress event of ``after_iteration``; returns
     (launcher's exit status, stdout so far). The workers are found by their working folder: torchrun (2 processes)
     starts them in sessions of their own, where a kill of the launcher's process group does not reach them."""
+    events_file("ppo", workspace).unlink(missing_ok=True)
     process = subprocess.Popen(
         launch(),
         cwd=workspace,
@@ -121,17 +123,15 @@ def run_ppo_and_kill(workspace: Path, after_iteration: int, delay: float, proces
         text=True,
         start_new_session=True,
     )
-    lines: list[str] = []
     try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("@rlhf ") and events(line, "progress") and events(line)[0]["step"] == after_iteration:
+        while process.poll() is None:
+            if any(record["step"] == after_iteration for record in events(workspace, "progress")):
                 time.sleep(delay)
                 for pid in stage_pids(workspace.resolve(), "ppo"):
                     os.kill(pid, signal.SIGKILL)
                 break
-        lines += process.stdout.readlines()
-        return process.wait(timeout=60), "".join(lines)
+            time.sleep(0.005)
+        return process.wait(timeout=60), process.stdout.read()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -144,8 +144,8 @@ def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_u
     set_ppo(crashed, iterations=ITERATIONS, resume_every=RESUME_EVERY, snapshot_every=SNAPSHOT_EVERY)
     reference = crashed.parent / "reference"
     shutil.copytree(crashed, reference)
-    uninterrupted = run_ppo(reference)
-    assert [e["step"] for e in events(uninterrupted, "checkpoint")] == [2, 4, 6]
+    run_ppo(reference)
+    assert [e["step"] for e in events(reference, "checkpoint")] == [2, 4, 6]
     assert not (reference / ".rlhf/checkpoints/ppo").exists(), "resume checkpoints are cleared after the final outputs"
 
     # after the first resume checkpoint (iteration 2), at a reproducible random point: anywhere in iterations 4 … 7,
@@ -162,9 +162,9 @@ def test_ppo_killed_at_a_random_iteration_resumes_and_ends_bitwise_equal_to_an_u
     for out in ("models/policy", "models/policy_checkpoints"):  # as `dvc repro` does before it reruns the stage
         shutil.rmtree(crashed / out)
 
-    rerun = run_ppo(crashed)
-    assert [e["step"] for e in events(rerun, "resumed")] == [saved]
-    assert [e["step"] for e in events(rerun, "progress")] == list(range(saved + 1, ITERATIONS + 1)), (
+    run_ppo(crashed)
+    assert [e["step"] for e in events(crashed, "resumed")] == [saved]
+    assert [e["step"] for e in events(crashed, "progress")] == list(range(saved + 1, ITERATIONS + 1)), (
         "only the remaining iterations ran"
     )
     print(f"killed {delay:.3f} s after iteration {after_iteration}; resumed from iteration {saved}")
@@ -207,9 +207,9 @@ def test_two_process_ppo_killed_mid_save_resumes_every_rank_and_ends_bitwise_equ
         "rng-rank0.pt",
         "rng-rank1.pt",
     }
-    rerun = run_ppo(crashed, processes=2)
-    assert [e["step"] for e in events(rerun, "resumed")] == [saved]
-    assert [e["step"] for e in events(rerun, "progress")] == list(range(saved + 1, 7))
+    run_ppo(crashed, processes=2)
+    assert [e["step"] for e in events(crashed, "resumed")] == [saved]
+    assert [e["step"] for e in events(crashed, "progress")] == list(range(saved + 1, 7))
     assert_same_weights(reference / "models/policy", crashed / "models/policy")
     assert history(crashed) == history(reference) and results(crashed) == results(reference)
 
@@ -247,12 +247,12 @@ def test_a_nan_reward_stops_ppo_keeps_the_checkpoint_and_the_previous_outputs_th
     captured = capsys.readouterr()
     assert "ppo: non-finite scores (nan) at iteration 3, before the optimiser steps" in captured.err
     assert "models/reward" in captured.err and "last good resume checkpoint (iteration 2)" in captured.err
-    assert [e["step"] for e in events(captured.out, "progress")] == [1, 2], "the bad iteration is not logged"
+    assert [e["step"] for e in events(workspace, "progress")] == [1, 2], "the bad iteration is not logged"
     assert output_digests(workspace) == before
     assert json.loads((workspace / ".rlhf/checkpoints/ppo/latest.json").read_text())["step"] == 2
 
     run_stage("ppo")  # the cause gone, a rerun resumes from the kept checkpoint
-    assert [e["step"] for e in events(capsys.readouterr().out, "resumed")] == [2]
+    assert [e["step"] for e in events(workspace, "resumed")] == [2]
     assert json.loads((workspace / "metrics/ppo.json").read_text())["resumed_from_iteration"] == 2
 
 
@@ -368,7 +368,8 @@ def test_a_prefect_retry_of_a_killed_ppo_task_resumes_from_the_checkpoint(
     assert killer.killed, "the first attempt was killed"
     assert state.is_completed(), state.message
     assert ppo_run.state.is_completed() and ppo_run.run_count == 2, "one failed attempt, one retry"
-    resumed = [e for message in logs for e in events(message, "resumed")]
+    resumed = events(repo, "resumed")  # the events of the latest attempt: the retry
+    assert f"ppo: resumed from step {resumed[0]['step']}" in logs, "the stage's output streams into the task's log"
     assert resumed and resumed[0]["step"] >= RESUME_EVERY, "the retry resumed from a checkpoint, not from iteration 0"
     metrics = json.loads((repo / "metrics/ppo.json").read_text())
     assert metrics["resumed_from_iteration"] == resumed[0]["step"] and metrics["iterations"] == ITERATIONS

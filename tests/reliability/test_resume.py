@@ -21,19 +21,15 @@ from support import REPO, run_stage, set_params, stage_command, stage_pids, tiny
 import rlhf.checkpoint
 import rlhf.training
 from rlhf.files import path_digest
+from tasks.stage_io import events_file, read_events
 
 SFT_STEPS, SFT_EVERY = 200, 20  # ≈ 12 ms a step with the tiny model: the kill lands well before the end
 RESULT_KEYS_IGNORED = {"seconds", "resumed_from_step"}
 
 
-def events(output: str, stage: str) -> list[dict]:
-    """The stage's ``@rlhf`` JSON lines, in order."""
-    return [
-        record
-        for line in output.splitlines()
-        if line.startswith("@rlhf ")
-        if (record := json.loads(line[len("@rlhf ") :]))["stage"] == stage
-    ]
+def events(workspace: Path, stage: str) -> list[dict]:
+    """The events the stage's latest run recorded, in order (tasks/stage_io.py)."""
+    return read_events(stage, workspace)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -74,7 +70,8 @@ def run_sft(workspace: Path) -> subprocess.CompletedProcess:
 
 
 def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tuple[int, str]:
-    """Start the stage, SIGKILL it ``delay`` s after its first checkpoint line; returns (exit status, stdout)."""
+    """Start the stage, SIGKILL it ``delay`` s after its first checkpoint event; returns (exit status, stdout)."""
+    events_file("sft", workspace).unlink(missing_ok=True)
     process = subprocess.Popen(
         stage_command("sft"),
         cwd=workspace,
@@ -83,17 +80,15 @@ def run_sft_and_kill_after_first_checkpoint(workspace: Path, delay: float) -> tu
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    lines = []
     try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("@rlhf ") and json.loads(line[6:])["event"] == "checkpoint":
+        while process.poll() is None:
+            if any(record["event"] == "checkpoint" for record in events(workspace, "sft")):
                 time.sleep(delay)
                 for pid in stage_pids(workspace.resolve(), "sft"):  # the launcher and its worker
                     os.kill(pid, signal.SIGKILL)
                 break
-        lines += process.stdout.readlines()
-        return process.wait(timeout=60), "".join(lines)
+            time.sleep(0.005)
+        return process.wait(timeout=60), process.stdout.read()
     finally:
         if process.poll() is None:
             process.kill()
@@ -103,8 +98,8 @@ def test_sft_killed_after_a_checkpoint_resumes_and_ends_bitwise_equal_to_an_unin
     pipeline_workspace: Path, tmp_path: Path
 ) -> None:
     reference = sft_workspace(pipeline_workspace, tmp_path / "reference")
-    uninterrupted = run_sft(reference)
-    assert [e["step"] for e in events(uninterrupted.stdout, "sft") if e["event"] == "checkpoint"] == list(
+    run_sft(reference)
+    assert [e["step"] for e in events(reference, "sft") if e["event"] == "checkpoint"] == list(
         range(SFT_EVERY, SFT_STEPS, SFT_EVERY)
     )
     assert not (reference / ".rlhf/checkpoints/sft").exists(), "checkpoints are cleared once the final model is written"
@@ -116,8 +111,8 @@ def test_sft_killed_after_a_checkpoint_resumes_and_ends_bitwise_equal_to_an_unin
     saved_step = json.loads((crashed / ".rlhf/checkpoints/sft/latest.json").read_text())["step"]
     assert SFT_EVERY <= saved_step < SFT_STEPS
 
-    rerun = run_sft(crashed)
-    rerun_events = events(rerun.stdout, "sft")
+    run_sft(crashed)
+    rerun_events = events(crashed, "sft")
     assert [e["step"] for e in rerun_events if e["event"] == "resumed"] == [saved_step]
     progress_steps = [e["step"] for e in rerun_events if e["event"] == "progress"]
     assert progress_steps and min(progress_steps) > saved_step, "the rerun did only the remaining steps"
@@ -164,7 +159,7 @@ def test_reward_model_crashed_mid_epoch_resumes_and_ends_bitwise_equal(
     capsys.readouterr()
 
     run_stage("reward")
-    rerun_events = events(capsys.readouterr().out, "reward")
+    rerun_events = events(workspace, "reward")
     assert [e["step"] for e in rerun_events if e["event"] == "resumed"] == [10]
     assert all(e["step"] > 10 for e in rerun_events if e["event"] == "progress")
     assert_same_weights(reference, workspace / "models/reward")
@@ -193,7 +188,7 @@ def test_a_checkpoint_made_with_other_params_is_discarded(
     set_params(in_copy_of_workspace, reward={"learning_rate": 0.002})
     capsys.readouterr()
     run_stage("reward")
-    stage_events = events(capsys.readouterr().out, "reward")
+    stage_events = events(in_copy_of_workspace, "reward")
     discarded = [e for e in stage_events if e["event"] == "checkpoint_discarded"]
     assert len(discarded) == 1 and "other params or inputs" in discarded[0]["reason"]
     assert not [e for e in stage_events if e["event"] == "resumed"]

@@ -171,7 +171,7 @@ def test_a_full_run_and_two_publishes_leave_the_hub_token_nowhere(
     )
     assert len(files) > 100 and scanned_bytes > 1_000_000 and database.exists()
     assert (
-        records["logs"].count("@rlhf") > 10
+        records["logs"].count(": done: ") >= 6  # the stages' plain summary lines (tasks/stage_io.py)
         and "stage-metrics" in records["artifacts"]
         and "published org/secret-scan" in records["logs"]
     )
