@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 Metrics = Mapping[str, object]
 
-# The key results of each stage, in the order a person reads them: (label, key) or (label, (from key, to key)).
+# The key results of each stage, in the order a person reads them: (label, key) or (label, (from key, to key)). A
+# ``NAME_policy`` key is shown with its ``NAME_sft`` twin; a key with ``KEY_ci_low``/``KEY_ci_high`` with its interval.
 SUMMARY_FIELDS: dict[str, tuple[tuple[str, str | tuple[str, str]], ...]] = {
     "prepare": (
         ("demonstrations", "n_demonstrations_train"),
@@ -33,8 +34,8 @@ SUMMARY_FIELDS: dict[str, tuple[tuple[str, str | tuple[str, str]], ...]] = {
     "evaluate": (
         ("gold win rate", "gold_win_rate"),
         ("KL", "kl_to_ref"),
-        ("validity (SFT → policy)", ("valid_rate_sft", "valid_rate_policy")),
-        ("distinct (SFT → policy)", ("distinct_sft", "distinct_policy")),
+        ("validity", "valid_rate_policy"),
+        ("distinct", "distinct_policy"),
     ),
 }
 
@@ -58,6 +59,9 @@ def stage_summary(stage: str, metrics: Metrics) -> str:
             low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
             if low is not None and high is not None:
                 text += f" [{number(low)}, {number(high)}]"
+            sft = metrics.get(key.removesuffix("_policy") + "_sft") if key.endswith("_policy") else None
+            if sft is not None:
+                text += f" (SFT {number(sft)})"
             parts.append(text)
     return " · ".join(parts)
 

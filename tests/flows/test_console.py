@@ -90,8 +90,12 @@ def test_stage_summaries_lead_with_the_key_results() -> None:
         "gold_win_rate_ci_low": 0.912,
         "gold_win_rate_ci_high": 0.96,
         "kl_to_ref": 2.42,
+        "valid_rate_policy": 0.998,
+        "valid_rate_sft": 0.942,
     }
-    assert stage_summary("evaluate", evaluation) == "gold win rate 0.939 [0.912, 0.96] · KL 2.42"
+    assert stage_summary("evaluate", evaluation) == (
+        "gold win rate 0.939 [0.912, 0.96] · KL 2.42 · validity 0.998 (SFT 0.942)"
+    )
     assert stage_summary("unknown", {"x": 1.0}) == ""
 
 

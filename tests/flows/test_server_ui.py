@@ -1,6 +1,8 @@
-"""`rlhf run` against a real `prefect server start`, then the run's page in the Prefect UI, seen by headless Chromium.
+"""`rlhf run` in a terminal against a real `prefect server start`: its console while it runs, then the run's page in
+the Prefect UI, seen by headless Chromium.
 
-The screenshot is kept as a test artifact: test-artifacts/prefect-flow-run.png in the repository root.
+Kept as test artifacts in the repository root: test-artifacts/console-tty.txt (the terminal, captured with tmux while
+the ppo stage's progress bar moves, and when the run has ended) and test-artifacts/prefect-flow-run.png.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from browser import chromium_path, dump_dom, screenshot
 from server_support import prefect_client_env, ui_root
-from support import REPO, make_tiny_repo_with_stages_done
+from support import REPO, make_tiny_repo_with_stages_done, write_params
+from terminal import run_in_terminal, tmux_available
 
 from pipeline.workspace import stage_names
 
 pytestmark = pytest.mark.slow
 FLOW_NAME = "rlhf-lifecycle"
 SCREENSHOT = REPO / "test-artifacts" / "prefect-flow-run.png"
+CONSOLE_CAPTURE = REPO / "test-artifacts" / "console-tty.txt"
+PPO_ITERATIONS = 8  # a few seconds of ppo: long enough to catch its bar mid-way
 RLHF = Path(sys.executable).with_name("rlhf")  # the console script, as a user would type it
 TASK_RUNS_RECORDED_TIMEOUT_S = 60  # task run states reach the database through the server's event pipeline
 
@@ -70,20 +76,55 @@ def lifecycle_run(prefect_server: str, pipeline_workspace: Path, tmp_path_factor
     repo = make_tiny_repo_with_stages_done(
         folder / "repo", pipeline_workspace, ["prepare", "sft", "sample_pairs", "label", "reward"]
     )
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ppo"]["iterations"] = PPO_ITERATIONS
+    write_params(repo, params)
     started = datetime.now(timezone.utc) - timedelta(seconds=1)
-    result = subprocess.run(
-        [str(RLHF), "run"],
-        cwd=repo,
-        env=prefect_client_env(prefect_server, folder / "prefect-home"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"rlhf run failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    env = {**prefect_client_env(prefect_server, folder / "prefect-home"), "TERM": "xterm-256color"}
+    if tmux_available():  # a terminal, as a person runs it
+        terminal = run_in_terminal([str(RLHF), "run"], repo, env, timeout_s=600)
+        exit_code, screens = terminal.exit_code, terminal.screens
+        output = screens[-1] if screens else ""
+    else:
+        result = subprocess.run([str(RLHF), "run"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        exit_code, screens, output = result.returncode, [], result.stdout + result.stderr
+    assert exit_code == 0, f"rlhf run failed:\n{output[-4000:]}"
     flow_runs = flow_runs_since(prefect_server, started)
     stages = stage_names(repo)
     task_runs = wait_for_task_runs(prefect_server, flow_runs[0]["id"], len(stages)) if len(flow_runs) == 1 else []
-    return {"flow_runs": flow_runs, "task_runs": task_runs, "stages": stages}
+    return {"flow_runs": flow_runs, "task_runs": task_runs, "stages": stages, "screens": screens}
+
+
+def test_the_terminal_shows_a_moving_progress_bar_and_a_summary_line_per_stage(lifecycle_run: dict) -> None:
+    screens = lifecycle_run["screens"]
+    if not screens:
+        pytest.skip("tmux not installed (apt-get install tmux): no terminal to capture")
+    bar = re.compile(
+        r"^ +ppo +[━╸─]{30}  (\d+)/" + str(PPO_ITERATIONS) + r" +\d+% · RM score .* · KL .*, about \d+:\d\d left$"
+    )
+    during = [(screen, int(m.group(1))) for screen in screens for line in screen.splitlines() if (m := bar.match(line))]
+    assert during, "no capture shows ppo's bar mid-way:\n" + screens[-1]
+    assert len({step for _, step in during}) >= 2, "the bar moved (several steps seen)"
+    final = screens[-1]
+    CONSOLE_CAPTURE.parent.mkdir(exist_ok=True)
+    CONSOLE_CAPTURE.write_text(
+        "# `rlhf run` in a 150×50 terminal (tmux capture-pane), while ppo runs:\n\n"
+        + during[len(during) // 2][0].rstrip()
+        + "\n\n# when the run has ended:\n\n"
+        + final.rstrip()
+        + "\n"
+    )
+    print(f"terminal captures kept in {CONSOLE_CAPTURE}")
+    lines = final.splitlines()
+    for index, stage in enumerate(lifecycle_run["stages"], start=1):
+        ended = [
+            line
+            for line in lines
+            if line.startswith(f"[{index}/8] {stage} ") and ("done in" in line or "unchanged" in line)
+        ]
+        assert len(ended) == 1, (stage, final)
+    assert any(line.startswith("rlhf run: done in") for line in lines)
+    assert not any("━" in line for line in lines), "each bar gave way to its stage's summary line"
 
 
 def test_the_server_serves_the_ui_wired_to_its_api(prefect_server: str) -> None:

@@ -21,6 +21,7 @@ from rlhf.dpo_training import DPO_STATS, dpo_examples, pair_logprobs
 from rlhf.files import path_digest
 from rlhf.modeling import causal_lm_logits, load_policy, load_tokenizer
 from rlhf.training import TrainedForward
+from tasks.stage_io import read_events
 
 # 4 epochs of 16 pairs per step at a high learning rate for the 0.1 M-parameter tiny model (the tiny pipeline's
 # ≈ 140 noisy simulated labels): ≈ 15 s, train-pair accuracy ≈ 0.79 (measured)
@@ -161,7 +162,9 @@ def test_bad_dpo_input_is_refused_in_one_line_before_any_model_loads(
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and all(name in errors[0] for name in names) and "Fix:" in errors[0]
-    assert '"event": "start"' not in result.stdout  # refused before the model loaded
+    assert "start" not in {
+        record["event"] for record in read_events("ppo", workspace)
+    }  # refused before the model loaded
     assert path_digest(workspace / "models") == before and not (workspace / "metrics/ppo.json").exists()
 
 
