@@ -6,8 +6,9 @@
 
 In a terminal the bar redraws in place (carriage return, at most 5 times a second); anywhere else (a CI log, a file,
 a pipe) it is plain text with no control characters: a progress line at each quarter of the loop instead. The
-stage's own output (DVC, accelerate, the programs' plain lines) goes to ``.rlhf/logs/STAGE.log``; ``--verbose``
-echoes it here too. The numbers come from the stage's events (tasks/stage_io.py) and metrics files.
+stage's own output (DVC, accelerate, the programs' plain lines) goes to ``.rlhf/logs/STAGE.log`` and the Prefect UI;
+``--verbose`` turns Prefect's console handler back on, which prints it here too (and the bar becomes plain lines, so
+the two never overwrite each other). The numbers come from the stage's events (tasks/stage_io.py) and metrics files.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Console:
 
     stream: TextIO = field(default_factory=lambda: sys.stdout)
     tty: bool | None = None  # None: ask the stream
-    verbose: bool = False
+    verbose: bool = False  # Prefect's console handler prints every log line too: plain progress lines, no redraws
     _stage: str = ""
     _label: str = ""
     _started: float = 0.0
@@ -87,6 +88,7 @@ class Console:
     def __post_init__(self) -> None:
         if self.tty is None:
             self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and os.environ.get("TERM") != "dumb"
+        self.tty = self.tty and not self.verbose
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -129,11 +131,6 @@ class Console:
             self._marks_shown = mark
             self.line(f"{' ' * 6}{self._stage:<{NAME_WIDTH}} {progress_text(record, elapsed, False)}")
 
-    def output(self, line: str) -> None:
-        """A line of the stage's own output: shown only with ``--verbose``."""
-        if self.verbose:
-            self.line(f"{' ' * 6}| {line}")
-
     def stage_finished(self, summary: str, outputs: list[str], skipped: bool) -> None:
         if skipped:
             self.line(f"{self._label} unchanged: skipped by DVC (outputs from its cache)")
@@ -153,7 +150,7 @@ _console: Console | None = None
 
 
 def console() -> Console:
-    """The process's console (stdout; ``RLHF_VERBOSE=1`` echoes the stages' own output)."""
+    """The process's console (stdout; ``RLHF_VERBOSE=1``: `rlhf run --verbose`)."""
     global _console
     if _console is None:
         _console = Console(verbose=os.environ.get("RLHF_VERBOSE", "") not in ("", "0"))

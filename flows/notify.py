@@ -35,18 +35,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flows.stages import stage_exit_code
 from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED
 
 BLOCK_ENV = "RLHF_NOTIFY_BLOCK"  # BLOCK-TYPE-SLUG/BLOCK-NAME of a Prefect notification block, e.g. slack-webhook/x
 NOTIFICATIONS_FILE = Path(".rlhf/notifications.log")
 MAX_ERROR_CHARS = 400  # of the error line quoted in the paragraph
-DVC_FAILED = 255  # `dvc repro`'s own status when a stage's command fails; its ERROR line has the command's status
-DVC_EXITED = re.compile(r"^ERROR: failed to reproduce .*exited with (-?\d+)\s*$")
 
 EXIT_MEANINGS = {
     EXIT_BAD_INPUT: "bad input, refused before any expensive work: a rerun fails the same way until it is fixed",
@@ -85,17 +83,6 @@ def error_line(tail: str) -> str:
     return lines[-1] if lines else ""
 
 
-def stage_exit_code(exit_code: int, tail: str) -> int:
-    """The stage program's own exit code: ``exit_code`` unless that is DVC's generic 255, then the status DVC's
-    ``ERROR: failed to reproduce …, exited with N`` line gives (the stages report their own only in some cases)."""
-    if exit_code == DVC_FAILED:
-        for line in reversed(tail.splitlines()):
-            match = DVC_EXITED.match(line.strip())
-            if match:
-                return int(match.group(1))
-    return exit_code
-
-
 def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -130,6 +117,8 @@ def describe(
         parts.append(f"Last error: {clip(detail)}" + ("" if detail.endswith((".", "?", "!")) else "."))
     if workspace:
         parts.append(f"Workspace: {workspace}.")
+        if stage is not None:
+            parts.append(f"The stage's whole output: {Path(workspace, '.rlhf/logs', f'{stage}.log')}.")
     if ui_url:
         parts.append(f"Run page: {ui_url} .")
     parts.append(NEXT_STEPS.format(run_id=run_id))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import threading
 import time
@@ -37,6 +38,8 @@ from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, events_file, key_numbe
 SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
 METRICS_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY, EVALUATION_ARTIFACT_KEY = "stage-metrics", "ppo-progress", "evaluation"
 POLL_EVENTS_S = 0.2
+DVC_FAILED = 255  # `dvc repro`'s own status when a stage's command fails; its ERROR line has the command's status
+DVC_EXITED = re.compile(r"^ERROR: failed to reproduce .*exited with (-?\d+)\s*$")
 
 
 NO_RETRY_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_DIVERGED})  # a rerun would fail the same way
@@ -193,6 +196,17 @@ def log_file(repo_dir: str | Path, stage: str) -> Path:
     return events_file(stage, repo_dir).with_suffix(".log")
 
 
+def stage_exit_code(exit_code: int, tail: str) -> int:
+    """The stage program's own exit code: ``exit_code`` unless that is DVC's generic 255, then the status DVC's
+    ``ERROR: failed to reproduce …, exited with N`` line gives."""
+    if exit_code == DVC_FAILED:
+        for line in reversed(tail.splitlines()):
+            match = DVC_EXITED.match(line.strip())
+            if match:
+                return int(match.group(1))
+    return exit_code
+
+
 def failure_reason(tail: str) -> list[str]:
     """The lines that say why a stage failed: its ``error:`` lines (the one-line refusals) and DVC's ``ERROR``, else
     the last lines of its output."""
@@ -227,14 +241,14 @@ def run_stage(stage: str, repo_dir: str = ".") -> StageOutcome:
         reporter(record)
         screen.event(record)
 
-    def on_line(line: str) -> None:
-        logger.log(logging.INFO, line)  # the task's log in the Prefect UI (the console handler is off: pipeline/cli.py)
-        screen.output(line)
+    def on_line(line: str) -> None:  # the task's log in the Prefect UI (on the console only with --verbose: cli.py)
+        logger.log(logging.INFO, line)
 
     code, skipped, tail = run_dvc_stage(repo_dir, stage, on_line, on_record)
     if code != 0:
-        screen.stage_failed(stops[-1] if stops else code, failure_reason(tail), str(shown_path))
-        raise StageFailed(stage, stops[-1] if stops else code, tail)
+        code = stops[-1] if stops else stage_exit_code(code, tail)  # the launchers do not pass every code on
+        screen.stage_failed(code, failure_reason(tail), str(shown_path))
+        raise StageFailed(stage, code, tail)
     by_file = read_stage_metrics(repo_dir, stage)
     metrics = {name: value for values in by_file.values() for name, value in values.items()}
     screen.stage_finished(stage_summary(stage, metrics), stage_outputs(repo_dir, stage), skipped)

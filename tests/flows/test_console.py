@@ -10,7 +10,7 @@ import pytest
 
 from flows.artifacts import evaluation_markdown, stage_markdown, stage_summary, verdict
 from flows.console import Console, bar, clock, duration, progress_text
-from flows.stages import EventTail, failure_reason
+from flows.stages import EventTail, failure_reason, stage_exit_code
 from tasks import stage_io
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # any control character but newline and tab
@@ -45,7 +45,6 @@ def test_without_a_terminal_progress_is_a_plain_line_per_quarter_and_has_no_cont
     screen.stage_started("ppo", 6, 8, ".rlhf/logs/ppo.log")
     for step in range(1, 61):
         screen.event(ppo_record(step))
-    screen.output("To track the changes with git, run:")  # the stage's own output: not shown without --verbose
     screen.stage_finished("RM score 1.43 · KL 2.42", ["models/policy"], skipped=False)
     lines = out.getvalue().splitlines()
     assert len(lines) == 5, lines  # start, 15/60, 30/60, 45/60, summary
@@ -68,17 +67,21 @@ def test_in_a_terminal_the_bar_redraws_in_place_and_the_summary_replaces_it(monk
     assert "━" in text and "2/60" in text and text.endswith("\n") and "done in" in text.splitlines()[-1]
 
 
-def test_verbose_echoes_the_stage_output_and_a_failure_names_its_reason_and_log() -> None:
+def test_verbose_never_redraws_and_a_failure_names_its_reason_and_log() -> None:
+    assert Console(stream=io.StringIO(), tty=True, verbose=True).tty is False  # Prefect prints log lines in between
     out = io.StringIO()
-    screen = Console(stream=out, tty=False, verbose=True)
+    screen = Console(stream=out, tty=False)
     screen.stage_started("label", 4, 8, ".rlhf/logs/label.log")
-    screen.output("Running stage 'label':")
     tail = "Running stage 'label':\nerror: data/pairs/samples.jsonl: row 2: missing field 'responses'. Fix: …\n"
     screen.stage_failed(2, failure_reason(tail + "ERROR: failed to reproduce 'label'"), ".rlhf/logs/label.log")
     lines = out.getvalue().splitlines()
-    assert lines[1] == "      | Running stage 'label':"
-    assert "FAILED" in lines[2] and "(exit 2)" in lines[2] and ".rlhf/logs/label.log" in lines[2]
-    assert lines[3].strip().startswith("error: data/pairs/samples.jsonl: row 2") and "failed to reproduce" in lines[4]
+    assert "FAILED" in lines[1] and "(exit 2)" in lines[1] and ".rlhf/logs/label.log" in lines[1]
+    assert lines[2].strip().startswith("error: data/pairs/samples.jsonl: row 2") and "failed to reproduce" in lines[3]
+
+
+def test_a_failed_stage_reports_its_program_s_exit_code_not_dvc_s() -> None:
+    tail = "error: …\nERROR: failed to reproduce 'label': failed to run: python -m tasks.label --pairs …, exited with 2"
+    assert stage_exit_code(255, tail) == 2 and stage_exit_code(255, "killed") == 255 and stage_exit_code(1, tail) == 1
 
 
 def test_stage_summaries_lead_with_the_key_results() -> None:
