@@ -237,6 +237,7 @@ def test_the_flows_refuse_while_the_workspace_is_locked_and_release_the_lock_aft
     prefect_api, tiny_repo: Path
 ) -> None:
     from flows.lifecycle import lifecycle
+    from flows.notify import NOTIFICATIONS_FILE
     from flows.retrain import retrain
 
     holder = start_holder(tiny_repo)
@@ -249,6 +250,12 @@ def test_the_flows_refuse_while_the_workspace_is_locked_and_release_the_lock_aft
                 state.result()
             assert str(tiny_repo / LOCK_FILE) in str(refusal.value) and f"pid {holder.pid}" in str(refusal.value)
             assert task_run_count(state.state_details.flow_run_id) == 0  # no stage (nor `dvc status`) ran
+        # the refusals were notified (flows/notify.py), one line pair per flow, and nothing else was written
+        notifications = tiny_repo / NOTIFICATIONS_FILE
+        records = [json.loads(line) for line in notifications.read_text().splitlines() if line.startswith("{")]
+        assert [r["flow"] for r in records] == ["rlhf-lifecycle", "rlhf-retrain"]
+        assert all(f"pid {holder.pid}" in r["message"] for r in records)
+        notifications.unlink()
         assert inventory(tiny_repo) == before
     finally:
         stop(holder)

@@ -27,7 +27,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import REPO, git_env, make_tiny_repo, run_stage, set_params, stage_command, stage_pids, write_params
+from support import (
+    REPO,
+    git_env,
+    make_tiny_repo,
+    run_stage,
+    set_params,
+    stage_command,
+    stage_outputs,
+    stage_pids,
+    write_params,
+)
 
 import rlhf.ppo_trainer.experience
 from rlhf.files import path_digest
@@ -311,25 +321,13 @@ def flow_repo(pipeline_workspace: Path, folder: Path) -> Path:
     params = yaml.safe_load((pipeline_workspace / "params.yaml").read_text())
     params["ppo"].update(iterations=ITERATIONS, resume_every=RESUME_EVERY)
     repo = make_tiny_repo(folder, params)
-    for out in (
-        "data/sft",
-        "data/prompts",
-        "models/base",
-        "models/sft",
-        "data/pairs",
-        "data/preferences",
-        "models/reward",
-        "metrics",
-    ):
-        shutil.copytree(pipeline_workspace / out, repo / out, dirs_exist_ok=True)
-    for name in ("ppo.json", "evaluate.json", "samples.md", "release.json"):
-        (repo / "metrics" / name).unlink(missing_ok=True)
+    done = ["prepare", "sft", "sample_pairs", "label", "reward"]
+    for output in (output for stage in done for output in stage_outputs(stage)):  # as dvc.yaml declares them
+        source, target = pipeline_workspace / output, repo / output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
     subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "-f", "prepare", "sft", "sample_pairs", "label", "reward"],
-        cwd=repo,
-        env=git_env(),
-        check=True,
-        capture_output=True,
+        [sys.executable, "-m", "dvc", "commit", "-f", *done], cwd=repo, env=git_env(), check=True, capture_output=True
     )
     return repo
 
