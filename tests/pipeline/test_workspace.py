@@ -8,7 +8,14 @@ from pathlib import Path
 
 from support import REPO
 
-from pipeline.workspace import dvc_command, stage_environment, stage_metrics_files, stage_names, upstream_of
+from pipeline.workspace import (
+    dvc_command,
+    stage_environment,
+    stage_metrics_files,
+    stage_names,
+    stage_outputs,
+    upstream_of,
+)
 
 STAGES = ["prepare", "sft", "sample_pairs", "label", "reward", "ppo", "evaluate", "release"]
 
@@ -20,8 +27,13 @@ def test_stage_list_is_dvc_yaml_in_its_order(tmp_path: Path) -> None:
 
 
 def test_metrics_files_come_from_dvc_yaml() -> None:
-    assert stage_metrics_files(REPO, "ppo") == [REPO / "metrics/ppo.json"]
+    assert stage_metrics_files(REPO, "ppo") == [REPO / "metrics/ppo.json", REPO / "dvclive/ppo/metrics.json"]
     assert stage_metrics_files(REPO, "release") == []
+
+
+def test_stage_outputs_come_from_dvc_yaml() -> None:
+    assert stage_outputs(REPO, "ppo") == ["models/policy", "models/policy_checkpoints", "plots/ppo.csv"]
+    assert stage_outputs(REPO, "release") == ["models/release"]
 
 
 def test_stage_commands_run_on_this_interpreter(monkeypatch) -> None:
