@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from flows.console import console
 from flows.labeling import collect_human_labels
@@ -26,6 +27,11 @@ from rlhf.params import load_params
 # Retries per stage. ppo resumes from its resume checkpoint, so a retry costs at most ppo.resume_every iterations;
 # sft and reward resume too but are short; the others restart, and a human-labelled run must not repeat silently.
 STAGE_RETRIES = {"ppo": 1}
+
+
+def run_page() -> str:
+    """This flow run's page in the Prefect UI (the "View at" link Prefect logs), or where to find it."""
+    return url_for("flow-run", obj_id=flow_run.id) or "the Prefect UI (PREFECT_UI_URL is not set)"
 
 
 def stage_task(stage: str, retries: dict[str, int], stage_timeout_s: float | None):
@@ -60,7 +66,7 @@ def lifecycle(
         logger.info("holding the workspace lock %s", lock)
         console().line(
             f"rlhf-lifecycle: flow run '{flow_run.name}' on {repo} ({len(stage_names(repo))} stages; DVC reruns what "
-            f"changed) · Prefect UI: {flow_run.ui_url}"
+            f"changed) · Prefect UI: {run_page()}"
         )
         return run_stages(repo, stage_timeout_s, label_batch_size, label_batches, label_timeout_s, retries)
 
@@ -79,7 +85,7 @@ def run_stages(
     for stage in stage_names(repo):
         if stage == "label" and load_params(Path(repo, "params.yaml")).label.annotator == "human":
             console().line(
-                f"label: waiting for human labels: open {flow_run.ui_url} (the paused subflow run), press Resume and "
+                f"label: waiting for human labels: open {run_page()} (the paused subflow run), press Resume and "
                 "answer the form"
             )
             labelling = collect_human_labels(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -99,13 +100,20 @@ def wait_for_form(pause_key: str, timeout_s: float = 30) -> tuple[FlowRun, dict,
     raise AssertionError(f"no {FLOW_NAME} run paused with key {pause_key!r} within {timeout_s} s")
 
 
-def assert_form_shows(schema: dict, description: str, batch: list[dict]) -> None:
+def assert_form_shows(schema: dict, description: str, batch: list[dict], where: str) -> None:
+    """The form for ``batch``: one A / B / skip choice per pair, each showing its pair (an HTML table: prompt, A, B),
+    the whole batch in the description above the form; ``where``, the batch's place in the run, heading both."""
     assert set(schema["properties"]) == {"annotator"} | {f"pair_{k}" for k in range(1, len(batch) + 1)}
+    assert schema["properties"]["annotator"]["description"].startswith(where + ".")
+    assert description.startswith(f"### {where}\n")
+    first = int(re.search(r"pairs? (\d+)", where).group(1))
+    total = int(where.rsplit(" of ", 1)[1])
     for number, pair in enumerate(batch, start=1):
         field = schema["properties"][f"pair_{number}"]
-        assert field["enum"] == ["A", "B", "skip"]
-        for text in (pair["prompt"], pair["response_a"], pair["response_b"]):
-            assert text in field["description"] and text in description
+        assert field["enum"] == ["A", "B", "skip"] and field["title"] == f"Pair {first + number - 1} of {total}"
+        texts = [pair["prompt"].strip(), pair["response_a"].strip(), pair["response_b"].strip()]
+        assert re.findall(r"<td>(.*?)</td>", field["description"]) == texts
+        assert f"| {first + number - 1} | {' | '.join(texts)} |" in description
 
 
 def expected_rows(batch: list[dict], choices: list[str], annotator: str) -> list[dict]:
@@ -156,7 +164,7 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     # Batch 1: four pairs; answered by a plain HTTP client, as the UI does.
     batch_1 = pending_pairs(repo, 4)
     run, schema, description = wait_for_form("labels-batch-1")
-    assert_form_shows(schema, description, batch_1)
+    assert_form_shows(schema, description, batch_1, "Batch 1 of 2 · pairs 1–4 of 8")
     assert schema["required"] == ["annotator", "pair_1", "pair_2", "pair_3", "pair_4"]
     choices_1 = ["A", "B", "skip", "A"]
     answers = {"annotator": "alice", **{f"pair_{k}": c for k, c in enumerate(choices_1, start=1)}}
@@ -168,7 +176,8 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     assert run_2.id == run.id
     batch_2 = pending_pairs(repo, 4, exclude={batch_1[2]["pair_id"]})
     assert not {p["pair_id"] for p in batch_2} & {p["pair_id"] for p in batch_1}
-    assert_form_shows(schema, description, batch_2)
+    assert_form_shows(schema, description, batch_2, "Batch 2 of 2 · pairs 5–8 of 8")
+    assert schema["properties"]["annotator"]["default"] == "alice"  # the name given in batch 1, pre-filled
     choices_2 = ["B", "A", "A", "B"]
     resume_flow_run(
         run.id, run_input={"annotator": "alice", **{f"pair_{k}": c for k, c in enumerate(choices_2, start=1)}}
@@ -210,7 +219,7 @@ def test_paused_labelling_resumed_through_the_api_writes_labels_and_continues(pr
     remaining = pending_pairs(repo, 8)
     never_offered = all_pair_ids - {p["pair_id"] for p in batch_1 + batch_2}
     assert len(never_offered) == 1 and {p["pair_id"] for p in remaining} == never_offered | {batch_1[2]["pair_id"]}
-    assert_form_shows(schema, description, remaining)
+    assert_form_shows(schema, description, remaining, "Batch 1 of 1 · pairs 1–2 of 2")
     assert schema["properties"]["annotator"]["default"] == "bob"
     resume_flow_run(run_3.id, run_input={"pair_1": "B", "pair_2": "A"})  # the pre-filled annotator is kept
     thread.join(timeout=60)
