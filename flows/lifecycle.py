@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
@@ -30,8 +31,16 @@ STAGE_RETRIES = {"ppo": 1}
 
 
 def run_page() -> str:
-    """This flow run's page in the Prefect UI (the "View at" link Prefect logs), or where to find it."""
-    return url_for("flow-run", obj_id=flow_run.id) or "the Prefect UI (PREFECT_UI_URL is not set)"
+    """This flow run's page in the Prefect UI (the "View at" link Prefect logs); with no UI address configured, the
+    page on the server the run reports to (`rlhf run`'s temporary server: it stops when the run ends)."""
+    url = url_for("flow-run", obj_id=flow_run.id)
+    if url:
+        return url
+    context = FlowRunContext.get()
+    api = str(context.client.api_url).rstrip("/") if context else ""
+    if not api:
+        return "the Prefect UI"
+    return f"{api.removesuffix('/api')}/runs/flow-run/{flow_run.id} (a temporary server: it stops with this run)"
 
 
 def stage_task(stage: str, retries: dict[str, int], stage_timeout_s: float | None):
