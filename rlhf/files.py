@@ -100,7 +100,7 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is dropped
         return list(csv.DictReader(handle))
 
 

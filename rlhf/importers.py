@@ -47,7 +47,7 @@ PREFERENCE_SCHEMAS: tuple[PreferenceSchema, ...] = ("prompt_chosen_rejected", "h
 
 def _read_json_file(path: Path) -> list[Row]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows exports) is dropped
     except json.JSONDecodeError:
         return read_jsonl(path)  # JSON lines saved as .json (common); errors then name the line
     except (OSError, UnicodeDecodeError) as error:

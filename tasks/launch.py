@@ -26,7 +26,7 @@ import sys
 from rlhf.config import ConfigError, Launch
 from rlhf.distributed import read_profile
 from rlhf.params import load_params
-from tasks.stage_io import fail, refuse_bad_input
+from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, fail, refuse_bad_input
 
 USAGE = "usage: python -m tasks.launch -m tasks.<stage> [stage arguments…]"
 
@@ -46,23 +46,48 @@ def accelerate_arguments(launch: Launch, module: str, arguments: list[str]) -> l
     ]
 
 
+class HeldRecords(logging.Handler):
+    """Keeps the log records of a logger tree while a launch runs, to pass on afterwards or drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def run_accelerate(arguments: list[str]) -> int:
-    """`accelerate launch` with ``arguments`` in this process; the stage's exit code (the first failed rank's)."""
+    """`accelerate launch` with ``arguments`` in this process; the stage's exit code (the first failed rank's).
+
+    torchrun's agent (several processes) logs its view of a failure ("closing signal SIGTERM", "failed (exitcode: 2)
+    local_rank: 0 …") after the stage has printed its one ``error:`` line; those records are held while the launch
+    runs and passed on unless the stage stopped on purpose (bad input, divergence), where they would only repeat it.
+    """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if os.environ.get("RLHF_VERBOSE", "") in ("", "0"):
         # its "values were not passed … defaults used instead" warning on every CPU launch: the defaults are intended
         logging.getLogger("accelerate.commands.launch").setLevel(logging.ERROR)
-
+    agent, held = logging.getLogger("torch.distributed.elastic"), HeldRecords()
+    agent.addHandler(held)
+    agent.propagate = False
     try:
         launch_command(launch_command_parser().parse_args(arguments))
+        code = 0
     except subprocess.CalledProcessError as failed:  # one process: accelerate re-raises its child's exit code
-        return failed.returncode
+        code = failed.returncode
     except ChildFailedError as failed:  # several processes (torchrun)
         codes = [failure.exitcode for _, failure in sorted(failed.failures.items())]
-        return next((code for code in codes if code > 0), 1)
-    return 0
+        code = next((code for code in codes if code > 0), 1)
+    finally:
+        agent.removeHandler(held)
+        agent.propagate = True
+    if code not in (EXIT_BAD_INPUT, EXIT_DIVERGED):  # a crash: what the agent saw says where
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,6 +132,16 @@ def empty_human_labels(workspace: Path) -> None:
     edit_params(workspace, "label", annotator="human")
 
 
+def on_two_processes(stage: str, damage: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``damage``, with ``stage`` launched on two processes (torchrun; configs/cpu-2proc.yaml)."""
+
+    def both(workspace: Path) -> None:
+        damage(workspace)
+        edit_params(workspace, "launch", **{stage: {"config_file": "configs/cpu-2proc.yaml", "num_processes": 2}})
+
+    return both
+
+
 def params_change(section: str, **values: object) -> Callable[[Path], None]:
     return lambda workspace: edit_params(workspace, section, **values)
 
@@ -177,6 +187,12 @@ CASES = [
         "empty prompts file",
         "sample_pairs",
         empty_file("data/prompts/train.jsonl"),
+        ("data/prompts/train.jsonl: empty file", "dvc repro prepare"),
+    ),
+    Case(  # every rank refuses; rank 0 prints the line, and torchrun's agent adds nothing
+        "empty prompts file on two processes",
+        "ppo",
+        on_two_processes("ppo", empty_file("data/prompts/train.jsonl")),
         ("data/prompts/train.jsonl: empty file", "dvc repro prepare"),
     ),
     Case(
@@ -356,6 +372,10 @@ def test_bad_input_is_refused_up_front_and_leaves_every_output_untouched(case: C
     assert "Fix: " in message
     exceptions = re.findall(r"^([\w.]+(?:Error|Exception))\b", result.stderr, flags=re.MULTILINE)
     assert exceptions == [], result.stderr  # no traceback, not even accelerate's of its failed child
+    others = [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("error: ", "launch: "))
+    ]
+    assert others == [], result.stderr  # nothing but our line (and the launcher's command): no torchrun agent report
     assert stage_events(workspace, case.stage) <= {
         "failed"
     }  # refused before any start/progress/metrics/checkpoint record
