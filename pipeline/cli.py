@@ -10,7 +10,8 @@
     rlhf label                 label pending pairs in the Prefect UI (flow `rlhf-human-labels`)
     rlhf publish --repo-id ORG/NAME [--public] [--force] [--metric M --min-value V]
                                upload models/release to the Hub (HF_TOKEN, HF_ENDPOINT) if metrics/evaluate.json
-                               passes the gate; tagged run-<release md5 in dvc.lock>; a second publish is a no-op
+                               passes the gate and its files still match dvc.lock; tagged run-<release md5 in
+                               dvc.lock>; a second publish is a no-op
 
 One run per workspace: `run`, `repro`, `stage` and `publish` hold the lock .rlhf/lifecycle.lock (pipeline/lock.py);
 while another run holds it they refuse at once, naming its pid, or wait with --wait-for-lock SECONDS.
@@ -56,9 +57,16 @@ def publish_command(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from pipeline.hub import GateFailed, publish_release
+    from pipeline.hub import GateFailed, ReleaseMismatch, publish_release, verify_release
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # before the gate and before any network: never upload a release that is not the one DVC recorded
+        logging.getLogger("pipeline.hub").info(
+            "release %s: %s", args.release_dir, verify_release(Path(args.release_dir))
+        )
+    except ReleaseMismatch as mismatch:
+        print(f"error: {mismatch}", file=sys.stderr)
+        return 2
     metrics_path = Path("metrics/evaluate.json")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     token = os.environ.get("HF_TOKEN") or None

@@ -3,7 +3,8 @@
     publish_release("models/release", "org/rlhf-tiny", token=..., gate_metrics=evaluation,
                     gate=("gold_win_rate", 0.5))
 
-Order of work: 1. the evaluation gate (no network before it passes); 2. create the repo (private unless asked);
+Before anything, `rlhf publish` checks the folder against dvc.lock (:func:`verify_release`): a release changed or
+corrupted since the release stage wrote it is refused. Order of work: 1. the evaluation gate (no network before it passes); 2. create the repo (private unless asked);
 3. upload the folder, unless the remote `main` already holds exactly these files; 4. tag the commit with a name
 traceable to the DVC lock (``run-<first 12 hex of the release's md5 in dvc.lock>``). Publishing the same
 release twice makes no commit and no tag the second time. Transient failures (connection errors, 429, 5xx)
@@ -32,7 +33,8 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 from huggingface_hub import HfApi, constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 
-from pipeline.lineage import LOCK_FILE, release_md5  # noqa: E402
+from pipeline.lineage import LOCK_FILE, RELEASE_OUT, RELEASE_STAGE, release_md5  # noqa: E402
+from pipeline.workspace import changed_outputs  # noqa: E402
 from rlhf.files import path_digest  # noqa: E402
 
 try:  # the HTTP client huggingface_hub 2.x uses; its transport errors are connection-level, worth a retry
@@ -79,6 +81,32 @@ def check_gate(metrics: Mapping[str, object], gate: Gate) -> str:
     if value < min_value:
         raise GateFailed(f"{metric} = {value:.4f} < {min_value}")
     return f"{metric} = {value:.4f} ≥ {min_value}"
+
+
+class ReleaseMismatch(RuntimeError):
+    """The release folder is not what dvc.lock recorded: changed, truncated or corrupted since the release stage."""
+
+
+def verify_release(release_dir: Path, repo_dir: Path = Path(".")) -> str:
+    """Check ``release_dir`` against dvc.lock before anything is uploaded; returns how it was checked.
+
+    Where the folder is the DVC output of the ``release`` stage of a DVC repository, DVC hashes its files again
+    (``dvc status release``) and any difference (a file edited, truncated, bit-flipped or removed) raises
+    :class:`ReleaseMismatch`. A folder outside a DVC repository (built without `dvc repro`) cannot be checked.
+    """
+    repo = repo_dir.resolve()
+    if not (repo / ".dvc").is_dir() or release_md5(repo / LOCK_FILE) is None:
+        return "not checked: no DVC repository or no release in dvc.lock"
+    if release_dir.resolve() != repo / RELEASE_OUT:
+        return f"not checked: {release_dir} is not the release stage's output {RELEASE_OUT}"
+    changed = changed_outputs(RELEASE_STAGE, repo)
+    if RELEASE_OUT in changed:
+        raise ReleaseMismatch(
+            f"{RELEASE_OUT}: {changed[RELEASE_OUT]} since `dvc repro` recorded it in dvc.lock (a file changed, "
+            "truncated, corrupted or removed); nothing was uploaded. Fix: `dvc checkout release` restores it from "
+            "the DVC cache, or `dvc repro release` rebuilds it"
+        )
+    return "matches dvc.lock"
 
 
 def release_tag(release_dir: Path, lock_path: Path | None = None) -> str:

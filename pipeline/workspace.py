@@ -87,3 +87,22 @@ def out_of_date_stages(repo_dir: str | Path = ".") -> list[str]:
         check=True,
     )
     return sorted(name.split(":")[-1] for name in json.loads(result.stdout or "{}"))
+
+
+def changed_outputs(stage: str, repo_dir: str | Path = ".") -> dict[str, str]:
+    """The outputs of ``stage`` whose files no longer match dvc.lock (``{path: "modified" | "deleted" | …}``), as DVC
+    sees them (``dvc status --json STAGE``: it hashes the files again); raises if dvc fails."""
+    result = subprocess.run(
+        dvc_command("status", "--json", stage),
+        cwd=repo_dir,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    changed: dict[str, str] = {}
+    for entries in json.loads(result.stdout or "{}").values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                changed.update(entry.get("changed outs", {}))
+    return changed

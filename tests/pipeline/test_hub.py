@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hub_server import HubServer
 from huggingface_hub import snapshot_download
 from publish_support import (
@@ -26,7 +28,7 @@ from publish_support import (
     make_release_workspace,
     use_endpoint,
 )  # first: HF_HUB_* env
-from support import REPO
+from support import REPO, git_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.hub import GateFailed, publish_release, release_tag
@@ -171,3 +173,64 @@ def test_cli_publish(hub: HubServer, workspace: Path):
     for run in (first, second, gated):
         assert TOKEN not in run.stdout + run.stderr
     assert files_containing(workspace, TOKEN) == []
+
+
+def dvc_release_repo(root: Path) -> Path:
+    """A git + DVC repository whose `release` stage (a copy of a built release) has run: dvc.lock holds the real md5
+    of models/release, and the DVC cache its files."""
+    make_release_workspace(root)
+    shutil.move(root / "models/release", root / "built")
+    (root / "dvc.lock").unlink()
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "release": {"cmd": "cp -r built models/release", "deps": ["built"], "outs": ["models/release"]}
+                }
+            }
+        )
+    )
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "release"],
+    ):
+        subprocess.run(command, cwd=root, env=git_env(), check=True, capture_output=True)
+    return root
+
+
+def test_cli_refuses_a_release_that_no_longer_matches_dvc_lock_then_publishes_it_restored(
+    hub: HubServer, tmp_path: Path
+):
+    repo = dvc_release_repo(tmp_path / "repo")
+    weights = repo / "models/release/model.safetensors"
+    intact = weights.read_bytes()
+    env = {k: v for k, v in git_env().items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}
+    env.update(HF_TOKEN=TOKEN, HF_ENDPOINT=hub.endpoint, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "pipeline.cli", "publish", "--repo-id", "org/checked"]
+    for damage in (
+        lambda: weights.write_bytes(intact[:-100]),  # truncated
+        lambda: weights.write_bytes(intact[:500] + bytes([intact[500] ^ 1]) + intact[501:]),  # one bit flipped
+        lambda: (repo / "models/release/config.json").unlink(),  # a file removed
+    ):
+        damage()
+        before = sorted((p.name, p.stat().st_size) for p in (repo / "models/release").iterdir())
+        refused = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "models/release: modified" in errors[0] and "dvc checkout release" in errors[0]
+        assert "org/checked" not in hub.repos  # nothing was created or uploaded
+        assert sorted((p.name, p.stat().st_size) for p in (repo / "models/release").iterdir()) == before  # untouched
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "checkout", "-f", "release"],
+            cwd=repo,
+            env=git_env(),
+            check=True,
+            capture_output=True,
+        )
+        assert weights.read_bytes() == intact  # the cache restored the recorded release
+    published = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert published.returncode == 0, published.stderr
+    assert "matches dvc.lock" in published.stderr and "org/checked" in hub.repos
