@@ -3,10 +3,12 @@ then what `dvc status` marks stale after an edit of a library module or of a par
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,50 @@ def test_dvclive_metrics_compare_experiments_side_by_side(repo: Path, tmp_path: 
     run(repo, sys.executable, "-m", "dvc", "plots", "diff", "lr-2e-4", "lr-5e-4", "-o", str(html))
     page = (html / "index.html").read_text()
     assert "dvclive/ppo/plots/metrics/objective/kl.tsv" in page and "lr-2e-4" in page and "lr-5e-4" in page
+
+
+TIMING = re.compile(r"(^|/)(seconds|episodes_per_second|eps|peak_rss_mib|peak_gpu_mib)$|(^|/)timing/")
+
+
+def results_only(metrics: dict, prefix: str = "") -> dict:
+    """``metrics`` flattened, without what measures the machine rather than the run (time, speed, memory)."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(results_only(value, f"{name}/"))
+        elif not TIMING.search(name):
+            flat[name] = value
+    return flat
+
+
+def contents(repo: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file under ``names`` (DVC rewrites some files in place when it queues: same bytes)."""
+    files = [p for name in names for p in [repo / name, *(repo / name).rglob("*")] if p.is_file()]
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_queued_experiments_run_two_at_a_time_give_the_results_of_one_by_one(repo: Path) -> None:
+    """`dvc exp run --queue` + `dvc queue start -j 2`: each experiment in its own temporary workspace (its own
+    .rlhf/ resume checkpoints, staging folders and event logs), the same results as the experiments run one by one
+    above (lr-2e-4, lr-5e-4), and the main workspace untouched."""
+    watched = ("models", "metrics", "dvclive", ".rlhf", "params.yaml", "dvc.lock")
+    before = contents(repo, watched)
+    for name, rate in (("queued-2e-4", "0.0002"), ("queued-5e-4", "0.0005")):
+        run(repo, sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"ppo.learning_rate={rate}")
+    run(repo, sys.executable, "-m", "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(repo, sys.executable, "-m", "dvc", "queue", "status")
+        if "queued-2e-4" in status and not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    experiments = experiment_metrics(json.loads(run(repo, sys.executable, "-m", "dvc", "exp", "show", "--json")))
+    for queued, one_by_one in (("queued-2e-4", "lr-2e-4"), ("queued-5e-4", "lr-5e-4")):
+        for path in ("metrics/evaluate.json", "metrics/ppo.json", "dvclive/ppo/metrics.json"):
+            assert results_only(experiments[queued][path]) == results_only(experiments[one_by_one][path]), path
+    assert contents(repo, watched) == before, "the queued experiments worked in their own folders"
 
 
 def stale_stages(repo: Path) -> set[str]:
