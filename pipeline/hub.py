@@ -4,11 +4,11 @@
                     gate=("gold_win_rate", 0.5))
 
 Before anything, `rlhf publish` checks the folder against dvc.lock (:func:`verify_release`): a release changed or
-corrupted since the release stage wrote it is refused. Order of work: 1. the evaluation gate (no network before it passes); 2. create the repo (private unless asked);
-3. upload the folder, unless the remote `main` already holds exactly these files; 4. tag the commit with a name
-traceable to the DVC lock (``run-<first 12 hex of the release's md5 in dvc.lock>``). Publishing the same
-release twice makes no commit and no tag the second time. Transient failures (connection errors, 429, 5xx)
-are retried with exponential backoff; other 4xx are not.
+corrupted since the release stage wrote it is refused. Order of work: 1. the evaluation gate (no network before it
+passes); 2. create the repo (private unless asked); 3. upload the folder, unless the remote `main` already holds
+exactly these files; 4. tag the commit with a name traceable to the DVC lock (``run-<first 12 hex of the release's
+md5 in dvc.lock>``). Publishing the same release twice makes no commit and no tag the second time. Transient
+failures (connection errors, 429, 5xx) are retried with exponential backoff; other 4xx are not.
 
 The token is passed to `HfApi` explicitly and is never logged, printed or written: logs name the repo, the
 endpoint, the tag and the commit only. ``HF_ENDPOINT`` (or ``endpoint=``) selects the Hub deployment.
