@@ -76,8 +76,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flows.stages import EventTail  # noqa: E402
-from tasks.stage_io import EVENTS_DIR  # noqa: E402
+from tasks.stage_io import EVENTS_DIR, EventTail  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 MIB = 1024 * 1024

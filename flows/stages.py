@@ -33,7 +33,7 @@ from prefect.states import Completed
 from flows.artifacts import evaluation_markdown, stage_markdown, stage_summary
 from flows.console import console
 from pipeline.workspace import dvc_command, stage_environment, stage_metrics_files, stage_names, stage_outputs
-from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, events_file, key_numbers
+from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, EventTail, events_file, key_numbers
 
 SKIPPED_MARKERS = ("didn't change, skipping", "is cached - skipping run")
 METRICS_ARTIFACT_KEY, PROGRESS_ARTIFACT_KEY, EVALUATION_ARTIFACT_KEY = "stage-metrics", "ppo-progress", "evaluation"
@@ -118,31 +118,6 @@ def publish_stage_artifacts(repo_dir: str | Path, stage: str, by_file: dict[str,
             key=EVALUATION_ARTIFACT_KEY,
             description="PPO policy vs SFT: the verdict, gold vs proxy, cost, health, samples",
         )
-
-
-class EventTail:
-    """Reads the JSON lines appended to a stage's events file since the last read (the file may appear late)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, ""
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path) as events:
-                events.seek(self.offset)
-                text = events.read()
-                self.offset = events.tell()
-        except FileNotFoundError:
-            return []
-        lines = (self.partial + text).split("\n")
-        self.partial = lines.pop()  # an unfinished last line waits for its end
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
 
 
 def run_dvc_stage(repo_dir: str | Path, stage: str, on_line, on_record) -> tuple[int, bool, str]:
@@ -232,7 +207,7 @@ def run_stage(stage: str, repo_dir: str = ".") -> StageOutcome:
     names = stage_names(repo_dir)
     reporter, stops = ProgressReporter(stage), []
     log_path = log_file(repo_dir, stage)
-    shown_path = log_path.relative_to(repo_dir) if log_path.is_relative_to(repo_dir) else log_path
+    shown_path = log_path.relative_to(repo_dir)
     screen.stage_started(stage, names.index(stage) + 1 if stage in names else 0, len(names), str(shown_path))
 
     def on_record(record: dict) -> None:

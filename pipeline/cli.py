@@ -39,7 +39,7 @@ def prefect_defaults(verbose: bool = False) -> None:
     (start, progress, summary and failure lines) while every log line still reaches the Prefect UI.
     """
     if verbose:
-        os.environ["RLHF_VERBOSE"] = "1"  # the stages keep their libraries' progress bars; the console echoes output
+        os.environ["RLHF_VERBOSE"] = "1"  # the stages keep their libraries' progress bars, the console draws no bar
     else:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

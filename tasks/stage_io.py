@@ -69,13 +69,34 @@ def start_events(stage: str) -> None:
         events_file(stage).unlink(missing_ok=True)
 
 
+class EventTail:
+    """Reads the JSON lines appended to a stage's events file since the last read (the file may appear late)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, ""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path) as events:
+                events.seek(self.offset)
+                text = events.read()
+                self.offset = events.tell()
+        except FileNotFoundError:
+            return []
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()  # an unfinished last line waits for its end
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
 def read_events(stage: str, repo_dir: str | Path = ".", event: str | None = None) -> list[dict]:
     """The stage's recorded events, in order (only those named ``event`` if given); [] when there are none."""
-    path = events_file(stage, repo_dir)
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # a last line without its newline is still being written
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = EventTail(events_file(stage, repo_dir)).read()
     return [record for record in records if event is None or record["event"] == event]
 
 
@@ -95,11 +116,11 @@ def emit(stage: str, event: str, **fields: object) -> None:
 
 
 def key_numbers(record: dict) -> str:
-    """``RM score 1.23 · KL 2.10`` from a progress record (the fields of :data:`KEY_NUMBERS` it has)."""
-    fields = next(
-        (pairs for pairs in KEY_NUMBERS.values() if any(name in record for name, _ in pairs)),
-        (),
-    )
+    """``RM score 1.23 · KL 2.10`` from a progress record: its stage's :data:`KEY_NUMBERS`, or (DPO, which runs as
+    the ppo stage) the first table whose fields the record has."""
+    own = KEY_NUMBERS.get(record.get("stage", ""), ())
+    tables = [own, *(pairs for pairs in KEY_NUMBERS.values() if pairs is not own)]
+    fields = next((pairs for pairs in tables if any(name in record for name, _ in pairs)), ())
     return " · ".join(f"{label} {record[name]:.3g}" for name, label in fields if isinstance(record.get(name), float))
 
 

@@ -135,11 +135,12 @@ def stage_outputs(stage: str) -> list[str]:
     return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
 
 
-def make_tiny_repo_with_stages_done(repo: Path, workspace: Path, stages: list[str]) -> Path:
+def make_tiny_repo_with_stages_done(repo: Path, workspace: Path, stages: list[str], params: dict | None = None) -> Path:
     """make_tiny_repo with ``workspace``'s params.yaml and the outputs ``stages`` wrote there (the pipeline_workspace
     fixture: the same code and params), recorded in dvc.lock with `dvc commit`: DVC and the flows find those stages
-    up to date and run only the others."""
-    make_tiny_repo(repo, yaml.safe_load((workspace / "params.yaml").read_text()))
+    up to date and run only the others. ``params``: params.yaml instead of the workspace's (changing only what the
+    stages after ``stages`` read)."""
+    make_tiny_repo(repo, params or yaml.safe_load((workspace / "params.yaml").read_text()))
     for stage in stages:
         for output in stage_outputs(stage):
             source, target = workspace / output, repo / output

@@ -10,7 +10,7 @@ import pytest
 
 from flows.artifacts import evaluation_markdown, stage_markdown, stage_summary, verdict
 from flows.console import Console, bar, clock, duration, progress_text
-from flows.stages import EventTail, failure_reason, stage_exit_code
+from flows.stages import failure_reason, stage_exit_code
 from tasks import stage_io
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # any control character but newline and tab
@@ -77,6 +77,14 @@ def test_verbose_never_redraws_and_a_failure_names_its_reason_and_log() -> None:
     lines = out.getvalue().splitlines()
     assert "FAILED" in lines[1] and "(exit 2)" in lines[1] and ".rlhf/logs/label.log" in lines[1]
     assert lines[2].strip().startswith("error: data/pairs/samples.jsonl: row 2") and "failed to reproduce" in lines[3]
+
+
+def test_each_stage_shows_its_own_key_numbers() -> None:
+    fields = {"train/loss": 0.59, "eval/loss": 0.56, "eval/accuracy": 0.73}  # the reward loop's
+    assert stage_io.key_numbers({"stage": "reward", **fields}) == "loss 0.59 · eval accuracy 0.73"
+    assert stage_io.key_numbers({"stage": "sft", **fields}) == "loss 0.59 · eval loss 0.56"
+    dpo = {"stage": "ppo", "dpo/loss": 0.6, "dpo/accuracy": 0.7, "dpo/rewards/margin": 0.25}  # DPO runs as ppo
+    assert stage_io.key_numbers(dpo) == "loss 0.6 · accuracy 0.7 · margin 0.25"
 
 
 def test_a_failed_stage_reports_its_program_s_exit_code_not_dvc_s() -> None:
@@ -171,7 +179,7 @@ def test_a_half_written_event_line_waits_for_its_end(in_tmp) -> None:
     path = stage_io.events_file("ppo")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"event": "start"}) + "\n" + '{"event": "prog')
-    tail = EventTail(path)
+    tail = stage_io.EventTail(path)
     assert stage_io.read_events("ppo") == [{"event": "start"}] and tail.read() == [{"event": "start"}]
     with open(path, "a") as events:
         events.write('ress"}\n')

@@ -18,7 +18,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,12 +28,10 @@ import yaml
 from safetensors.torch import load_file
 from support import (
     REPO,
-    git_env,
-    make_tiny_repo,
+    make_tiny_repo_with_stages_done,
     run_stage,
     set_params,
     stage_command,
-    stage_outputs,
     stage_pids,
     write_params,
 )
@@ -320,16 +317,9 @@ def flow_repo(pipeline_workspace: Path, folder: Path) -> Path:
     """A git + DVC repository whose stages before ppo are done and recorded (dvc.lock): the flow skips them."""
     params = yaml.safe_load((pipeline_workspace / "params.yaml").read_text())
     params["ppo"].update(iterations=ITERATIONS, resume_every=RESUME_EVERY)
-    repo = make_tiny_repo(folder, params)
-    done = ["prepare", "sft", "sample_pairs", "label", "reward"]
-    for output in (output for stage in done for output in stage_outputs(stage)):  # as dvc.yaml declares them
-        source, target = pipeline_workspace / output, repo / output
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "-f", *done], cwd=repo, env=git_env(), check=True, capture_output=True
+    return make_tiny_repo_with_stages_done(
+        folder, pipeline_workspace, ["prepare", "sft", "sample_pairs", "label", "reward"], params
     )
-    return repo
 
 
 @pytest.mark.slow
