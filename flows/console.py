@@ -139,6 +139,16 @@ class Console:
         where = f" → {', '.join(outputs)}" if outputs else ""
         self.line(f"{self._label} done in {took}" + (f" · {summary}" if summary else "") + where)
 
+    def api_unreachable(self, api_url: str, error: str) -> None:
+        """The Prefect API stopped answering while the stage runs (flows/stages.py ApiWatch)."""
+        self.line(
+            f"{' ' * 6}{self._stage:<{NAME_WIDTH}} the Prefect API at {api_url} does not answer ({error}); the stage "
+            "goes on, and the run stops after it unless the server answers again by then"
+        )
+
+    def api_answers(self, api_url: str) -> None:
+        self.line(f"{' ' * 6}{self._stage:<{NAME_WIDTH}} the Prefect API at {api_url} answers again: the run goes on")
+
     def stage_failed(self, exit_code: int, reason: list[str], log_path: str) -> None:
         took = duration(time.monotonic() - self._started)
         self.line(f"{self._label} FAILED after {took} (exit {exit_code}); full output: {log_path}")

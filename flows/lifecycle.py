@@ -5,7 +5,9 @@
 A failing stage fails its task and the flow; later stages do not run. A second run started on the same workspace
 while one is in progress fails at once (or waits, `wait_for_lock_s`): see pipeline/lock.py. The ppo task is retried once
 when its process crashes (killed, preempted, out of memory): the retry resumes from the last resume checkpoint
-(`ppo.resume_every`), not from iteration 0; a stage that stopped on bad input or divergence is not retried.
+(`ppo.resume_every`), not from iteration 0; a stage that stopped on bad input or divergence is not retried. If the
+Prefect API goes away, the running stage runs on (DVC records it) and the flow stops after it, unless the API answers
+again by then (flows/stages.py, PrefectApiLost).
 """
 
 from __future__ import annotations

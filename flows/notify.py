@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.stages import stage_exit_code
-from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED
+from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_STALLED
 
 BLOCK_ENV = "RLHF_NOTIFY_BLOCK"  # BLOCK-TYPE-SLUG/BLOCK-NAME of a Prefect notification block, e.g. slack-webhook/x
 NOTIFICATIONS_FILE = Path(".rlhf/notifications.log")
@@ -49,6 +49,9 @@ MAX_ERROR_CHARS = 400  # of the error line quoted in the paragraph
 EXIT_MEANINGS = {
     EXIT_BAD_INPUT: "bad input, refused before any expensive work: a rerun fails the same way until it is fixed",
     EXIT_DIVERGED: "training diverged (NaN/inf): the last good checkpoint is kept",
+    EXIT_NO_SPACE: "disk full: partial files removed, previous outputs and the last good checkpoint kept; free space "
+    "and rerun",
+    EXIT_STALLED: "no progress for launch.stall_timeout_s: stopped, with where each rank was in the stage's log",
 }
 
 NEXT_STEPS = (

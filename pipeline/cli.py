@@ -8,6 +8,8 @@
     rlhf status                out-of-date stages (`dvc status`)
     rlhf serve --cron EXPR     serve the scheduled retraining deployment `rlhf-retrain`
     rlhf label                 label pending pairs in the Prefect UI (flow `rlhf-human-labels`)
+    rlhf verify [--repair]     hash every DVC cache object dvc.lock names again; name the corrupted or missing ones
+                               (--repair: restore each from its workspace file, or remove it so `rlhf run` rebuilds)
     rlhf publish --repo-id ORG/NAME [--public] [--force] [--metric M --min-value V]
                                upload models/release to the Hub (HF_TOKEN, HF_ENDPOINT) if metrics/evaluate.json
                                passes the gate and its files still match dvc.lock; tagged run-<release md5 in
@@ -17,7 +19,9 @@ One run per workspace: `run`, `repro`, `stage` and `publish` hold the lock .rlhf
 while another run holds it they refuse at once, naming its pid, or wait with --wait-for-lock SECONDS.
 
 Prefect: with PREFECT_API_URL set the runs go to that server (start one with `prefect server start`, UI at
-http://127.0.0.1:4200); otherwise a temporary local server is started for the run.
+http://127.0.0.1:4200); otherwise a temporary local server is started for the run. A server that does not answer
+ends `rlhf run` with one line and exit code 75: before any stage, or once the stage it was running has ended (the
+stage runs on without it: flows/stages.py).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.lock import WorkspaceBusy, workspace_lock
-from pipeline.workspace import dvc, stage_names
+from pipeline.workspace import dvc, heal_dvc_rwlock, stage_names
 
 
 def prefect_defaults(verbose: bool = False) -> None:
@@ -48,6 +52,10 @@ def prefect_defaults(verbose: bool = False) -> None:
     # Prefect gives its temporary server 20 s to start; on a busy 2-core machine it took longer and the run failed
     # before any stage ("Timed out while attempting to connect to ephemeral Prefect API server")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Prefect's client retries a failed request 5 times, waiting 2, 4, … 32 s: ≈ 1 min per call, and a run whose server
+    # died makes several such calls before it ends. 3 retries (≈ 20 s in all) still ride out a restart of the server
+    # (9-13 s measured on 2 busy cores)
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "3")
 
 
 def publish_command(args: argparse.Namespace) -> int:
@@ -88,6 +96,41 @@ def publish_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_command(repair_objects: bool) -> int:
+    """`rlhf verify`: exit 1 when a corrupted cache object is left (none after --repair)."""
+    from pipeline.cache import repair, verify_cache
+
+    checked, problems = verify_cache(".")
+    corrupted = [problem for problem in problems if problem.corrupted]
+    for problem in problems:
+        entry, where = problem.entry, problem.object_path.relative_to(Path.cwd())
+        if not problem.corrupted:
+            print(f"verify: {entry.path} (stage {entry.stage}) is not in the cache ({where}): `dvc pull` or a rerun")
+        elif repair_objects:
+            print(f"repaired: {repair('.', problem)}")
+        else:
+            print(
+                f"error: {entry.path} (stage {entry.stage}): its cache object {where} is corrupted (its bytes hash to "
+                f"{problem.found_md5}, dvc.lock says {entry.md5}); run `rlhf verify --repair`",
+                file=sys.stderr,
+            )
+    stages = len({entry.stage for entry in checked})
+    print(
+        f"verify: {len({entry.md5 for entry in checked})} cache objects of {stages} stages hashed again: "
+        f"{len(corrupted)} corrupted{' (repaired)' if corrupted and repair_objects else ''}, "
+        f"{len(problems) - len(corrupted)} missing"
+    )
+    return 1 if corrupted and not repair_objects else 0
+
+
+def healed_dvc(*args: str) -> int:
+    """`dvc ARGS`, after removing a DVC lock record a full disk cut off (it would stop every DVC command)."""
+    healed = heal_dvc_rwlock(".")
+    if healed:
+        print(f"rlhf: {healed}", file=sys.stderr)
+    return dvc(*args)
+
+
 def add_lock_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait-for-lock",
@@ -109,14 +152,29 @@ def locked(command: Callable[[], int], wait_s: float, what: str) -> int:
         return 2
 
 
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure (here: the Prefect API), to be retried later
+
+
 def run_lifecycle(stage_timeout_s: float | None) -> int:
     import time
 
     from flows.console import console, duration
     from flows.lifecycle import lifecycle
+    from flows.stages import api_loss, unreachable_api
 
+    unreachable = unreachable_api()
+    if unreachable:
+        console().line(f"rlhf run: {unreachable}")
+        return EX_TEMPFAIL
     started = time.monotonic()
-    state = lifecycle(repo_dir=".", stage_timeout_s=stage_timeout_s, return_state=True)
+    try:
+        state = lifecycle(repo_dir=".", stage_timeout_s=stage_timeout_s, return_state=True)
+    except Exception as error:  # the engine raises when it cannot record a state: the API is gone
+        lost = api_loss(error)
+        if lost is None:
+            raise
+        console().line(f"rlhf run: FAILED after {duration(time.monotonic() - started)}: {lost}")
+        return EX_TEMPFAIL
     took = duration(time.monotonic() - started)
     if state.is_completed():
         console().line(f"rlhf run: done in {took}. {run_summary(state.result())}")
@@ -170,13 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--min-value", type=float, default=0.5, help="the gate: metric must be at least this")
     publish.add_argument("--release-dir", default="models/release")
     add_lock_option(publish)  # a run in progress may be rewriting models/release
+    verify = commands.add_parser("verify", help="check the DVC cache objects of dvc.lock against their MD5")
+    verify.add_argument("--repair", action="store_true", help="restore or remove the corrupted objects")
+    add_lock_option(verify)  # a run in progress writes the cache
     args = parser.parse_args(argv)
     if args.command == "publish":
         return locked(lambda: publish_command(args), args.wait_for_lock, "rlhf publish")
     if args.command == "repro":
-        return locked(lambda: dvc("repro"), args.wait_for_lock, "rlhf repro")
+        return locked(lambda: healed_dvc("repro"), args.wait_for_lock, "rlhf repro")
     if args.command == "stage":
-        return locked(lambda: dvc("repro", args.name), args.wait_for_lock, f"rlhf stage {args.name}")
+        return locked(lambda: healed_dvc("repro", args.name), args.wait_for_lock, f"rlhf stage {args.name}")
+    if args.command == "verify":
+        return locked(lambda: verify_command(args.repair), args.wait_for_lock, "rlhf verify")
     if args.command == "status":
         return dvc("status")
     prefect_defaults(verbose=getattr(args, "verbose", False))

@@ -50,6 +50,35 @@ def stage_outputs(repo_dir: str | Path, stage: str) -> list[str]:
     ]
 
 
+def heal_dvc_rwlock(repo_dir: str | Path = ".") -> str | None:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when it is not valid JSON; returns a line saying so, else None.
+
+    DVC rewrites that file in place at the start of each command; on a full disk the write stops part way, and every
+    later DVC command fails with "Unable to read RWLock-file … corrupted" (measured with DVC 3.67,
+    docs/reliability.md "Disk full"). It only lists what running DVC commands read and write, and callers hold the
+    workspace lock, so a damaged one is stale."""
+    path = Path(repo_dir, ".dvc/tmp/rwlock")
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        path.unlink(missing_ok=True)
+        return f"removed DVC's damaged lock record {path.relative_to(repo_dir)} (cut off, e.g. by a full disk)"
+    return None
+
+
+def uncached_outputs(repo_dir: str | Path = ".") -> set[str]:
+    """Outputs dvc.yaml declares with ``cache: false`` (dvc.lock records their hash; the cache has no object)."""
+    paths = set()
+    for spec in _stage_specs(repo_dir).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in spec.get(kind, []) or []:
+                if isinstance(entry, dict):
+                    paths |= {path for path, options in entry.items() if (options or {}).get("cache") is False}
+    return paths
+
+
 def stage_environment(unbuffered: bool = False) -> dict[str, str]:
     """The environment stage commands run in: `python` and `accelerate` resolve to this installation's interpreter.
 

@@ -11,7 +11,9 @@ re-runs the stage, which would delete the very checkpoint a rerun needs). Layout
 
 A save writes everything into ``tmp-step-N``, fsyncs it, renames it to ``step-N`` (atomic on POSIX) and only then
 replaces ``latest.json`` (temp file + ``os.replace``), so a process killed at any instant leaves either the previous
-checkpoint or the new one, never a half-written one that a rerun would load.
+checkpoint or the new one, never a half-written one that a rerun would load. A save that finds the disk full removes
+its half-written folder (and the new ``step-N`` if ``latest.json`` could not be pointed at it) and raises
+:class:`rlhf.files.NoSpaceError`: ``latest.json`` still points at the previous checkpoint, which a rerun resumes from.
 
 A checkpoint is resumed only when its fingerprint (:func:`fingerprint` of the config, seed and input hashes) equals
 the current one; otherwise it is discarded with a logged reason and training starts fresh.
@@ -42,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.files import fsync_folder, path_digest, write_atomic, write_json
+from rlhf.files import NoSpaceError, fsync_folder, is_no_space, path_digest, tensor_bytes, write_atomic, write_json
 
 CHECKPOINT_ROOT = Path(".rlhf/checkpoints")
 FORMAT = 1  # bump when the layout or state content changes: older checkpoints then stop matching
@@ -214,17 +216,56 @@ def save_checkpoint(
         raise CheckpointError(
             f"{staging}: RNG files of ranks {missing} are missing; call save_rank_rng on every rank before a barrier"
         )
-    write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle))
-    meta = {"step": step, "fingerprint": fingerprint, "ranks": ranks, "format": FORMAT, "time": round(time.time(), 3)}
-    write_json(staging / META_FILE, meta, indent=None)
-    final = folder / f"step-{step}"
-    if final.exists():  # a complete save of this step that latest.json never pointed to (killed in between)
-        shutil.rmtree(final)
-    staging.rename(final)
-    fsync_folder(folder)
-    write_json(folder / LATEST, {"step": step, "dir": final.name, "fingerprint": fingerprint}, indent=None)
+    needed = state_bytes(state)
+    try:
+        write_atomic(staging / STATE_FILE, lambda handle: torch.save(state, handle), needed=needed)
+        meta = {
+            "step": step,
+            "fingerprint": fingerprint,
+            "ranks": ranks,
+            "format": FORMAT,
+            "time": round(time.time(), 3),
+        }
+        write_json(staging / META_FILE, meta, indent=None)
+        final = folder / f"step-{step}"
+        if final.exists():  # a complete save of this step that latest.json never pointed to (killed in between)
+            shutil.rmtree(final)
+        staging.rename(final)
+        fsync_folder(folder)
+        write_json(folder / LATEST, {"step": step, "dir": final.name, "fingerprint": fingerprint}, indent=None)
+    except Exception as error:
+        if not is_no_space(error):
+            raise
+        discard_save(folder, step)
+        path = error.path if isinstance(error, NoSpaceError) else staging / STATE_FILE
+        raise NoSpaceError(path, max(needed, getattr(error, "needed", 0)), "half-written checkpoint removed") from error
     _prune(folder, keep=max(1, keep), newest=step)
     return final
+
+
+def state_bytes(state: Any) -> int:
+    """About the bytes ``torch.save(state)`` writes: its tensors' (for messages about a full disk)."""
+    tensors: list[torch.Tensor] = []
+    pending = [state]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return tensor_bytes(tensors)
+
+
+def discard_save(folder: str | Path, step: int) -> None:
+    """Remove what a failed save of ``step`` left: its temp folder, and ``step-N`` unless ``latest.json`` points to it
+    (so a full disk is not left fuller, and the previous checkpoint stays the one resumed). Main process only."""
+    folder = Path(folder)
+    shutil.rmtree(staging_dir(folder, step), ignore_errors=True)
+    pointer = _read_json(folder / LATEST) or {}
+    if pointer.get("dir") != f"step-{step}":
+        shutil.rmtree(folder / f"step-{step}", ignore_errors=True)
 
 
 def _prune(folder: Path, keep: int, newest: int) -> None:
@@ -311,6 +352,18 @@ def load_latest(
 def clear(folder: str | Path) -> None:
     """Delete a stage's checkpoints (after its final outputs are written, or when they no longer match)."""
     shutil.rmtree(Path(folder), ignore_errors=True)
+
+
+def kept_on_disk(stage: str, unit: str = "step", root: Path = CHECKPOINT_ROOT) -> str:
+    """For the message of a stage that stopped: the resume checkpoint on disk that a rerun would start from."""
+    folder = checkpoint_folder(stage, root)
+    latest = _latest_dir(folder)
+    step = (_read_json(latest / META_FILE) or {}).get("step") if latest is not None else None
+    if step is None:
+        return f"no resume checkpoint in {folder.as_posix()}"
+    return (
+        f"resume checkpoint of {unit} {step} kept in {folder.as_posix()}, a rerun with the same params resumes from it"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
@@ -434,14 +487,24 @@ class ResumeCheckpoints:
         a function making it there; with ``generators`` every rank also saves its RNG streams (:func:`capture_rng`) for
         :meth:`load_rng`, without them the caller keeps its RNG in ``state``."""
         started, processes = time.perf_counter(), self.processes
-        if generators is not None:
-            save_rank_rng(self.folder, step, processes.rank, generators)
-            processes.barrier()
-        if processes.main:
-            ranks = processes.world_size if generators is not None else 0
-            save_checkpoint(
-                self.folder, step, state() if callable(state) else state, self.fingerprint, ranks=ranks, keep=self.keep
-            )
+        try:
+            if generators is not None:
+                save_rank_rng(self.folder, step, processes.rank, generators)
+                processes.barrier()
+            if processes.main:
+                ranks = processes.world_size if generators is not None else 0
+                save_checkpoint(
+                    self.folder,
+                    step,
+                    state() if callable(state) else state,
+                    self.fingerprint,
+                    ranks=ranks,
+                    keep=self.keep,
+                )
+        except Exception as error:
+            if processes.main and is_no_space(error):  # e.g. this rank's RNG file: the other ranks' go too
+                discard_save(self.folder, step)
+            raise
         processes.barrier()
         self.last_step = step
         self._report("checkpoint", {"step": step, "seconds": round(time.perf_counter() - started, 4)})

@@ -269,6 +269,9 @@ class LaunchConfig:
     num_processes: int = 1  # processes `accelerate launch` starts, all machines together; each stage checks it
     # "no" | "bf16": bf16 compute, fp32 master weights (GPUs; CPUs with AVX512-BF16/AMX)
     mixed_precision: str = "no"
+    # seconds a launched stage may go without writing an event (a step, a checkpoint …) before the launcher stops it
+    # and reports where each rank was (tasks/stall.py); 0 = never. Loading an 8 B model and its first step fit in it.
+    stall_timeout_s: float = 1800.0
     sft: LaunchOverride = field(default_factory=LaunchOverride)
     sample_pairs: LaunchOverride = field(default_factory=LaunchOverride)
     reward: LaunchOverride = field(default_factory=LaunchOverride)

@@ -523,6 +523,10 @@ def launch_problems(launch: LaunchConfig) -> list[tuple[bool, str]]:
             launch.mixed_precision in MIXED_PRECISIONS,
             f"launch.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {launch.mixed_precision!r}",
         ),
+        (
+            launch.stall_timeout_s >= 0,
+            f"launch.stall_timeout_s must be ≥ 0 seconds (0 = never stop a silent stage), got {launch.stall_timeout_s}",
+        ),
     ]
     for stage in MODEL_STAGES:
         override: LaunchOverride = getattr(launch, stage)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf.files import write_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -89,9 +91,9 @@ def plot_overoptimization(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def _save(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # no timestamp in the PNG metadata, so the same numbers give the same bytes
-    figure.savefig(path, dpi=100, metadata={"Software": None})
+    # atomically (a full disk leaves the previous PNG, not half of one); no timestamp in the PNG metadata, so the same
+    # numbers give the same bytes
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=100, metadata={"Software": None}))
     figure.clear()
     import matplotlib.pyplot as plt
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from rlhf import data
 from rlhf.config import ConfigError, DPOConfig, Launch, PPOConfig
 from rlhf.distributed import make_accelerator
 from rlhf.dpo_training import DPO_EVAL_STATS, DPO_STATS, train_dpo
-from rlhf.files import replace_folder, staging_folder, write_csv, write_json
+from rlhf.files import is_no_space, replace_folder, staging_folder, tensor_bytes, write_csv, write_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import count_parameters, load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.ppo_trainer.snapshots import save_policy
@@ -137,10 +138,13 @@ def main(args: argparse.Namespace, config: DPOConfig, ppo: PPOConfig, launch: La
         )
     except NonFiniteError as error:
         fail(str(error), code=EXIT_DIVERGED)
+    except Exception as error:
+        if main_process and is_no_space(error):  # a snapshot filled the disk: its staging folder goes
+            shutil.rmtree(snapshots, ignore_errors=True)
+        raise
     if main_process:
-        staging = staging_folder(args.out)
-        save_policy(policy, tokenizer, ppo, staging)
-        replace_folder(staging, args.out)
+        with write_folder(args.out, needed=tensor_bytes(policy.state_dict().values())) as staging:
+            save_policy(policy, tokenizer, ppo, staging)
         replace_folder(snapshots, args.snapshots)
         write_csv(args.history, history)
         metrics = {

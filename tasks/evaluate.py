@@ -28,7 +28,7 @@ from rlhf.files import read_csv, write_csv, write_json, write_text
 from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, load_scalar_model, load_tokenizer
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
-from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, start_events
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, reports_full_disk, start_events
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
@@ -53,6 +53,7 @@ def render_plots(curve: list[dict], args: argparse.Namespace) -> None:
     plot_overoptimization([{k: str(v) for k, v in row.items()} for row in curve], args.curve_png)
 
 
+@reports_full_disk("evaluate")  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("evaluate")  # this run's events only (.rlhf/logs/evaluate.jsonl)
     args = parse_paths(

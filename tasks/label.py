@@ -25,7 +25,7 @@ from rlhf.data import DataError
 from rlhf.files import write_json, write_jsonl
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, finite_scores, load_judge, read_records
-from tasks.stage_io import emit, parse_paths, refuse_bad_input, start_events
+from tasks.stage_io import emit, parse_paths, refuse_bad_input, reports_full_disk, start_events
 
 
 def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -83,6 +83,7 @@ def label_from_humans(config: LabelConfig) -> tuple[list[dict], dict]:
     return records, {"n_pairs": len(records), "n_annotators": len({r.get("annotator") for r in records})}
 
 
+@reports_full_disk("label")  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("label")  # this run's events only (.rlhf/logs/label.jsonl)
     args = parse_paths(argv, "python -m tasks.label", "pairs base out metrics")

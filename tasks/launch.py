@@ -8,8 +8,9 @@ becomes (printed on stderr, then run in this process)
     accelerate launch --config_file configs/cpu-1proc.yaml --num_processes 1 --mixed_precision no \
         -m tasks.sft --base models/base --data data/sft …
 
-The launcher exits with the stage's exit code (2: refused input, 3: diverged), without accelerate's traceback of
-its child's failure: the stage has already printed its one-line error.
+The launcher exits with the stage's exit code (2: refused input, 3: diverged, 4: disk full), without accelerate's
+traceback of its child's failure: the stage has already printed its one-line error. A stage that writes no event for
+``launch.stall_timeout_s`` seconds is stopped with where each rank was, exit code 5 (tasks/stall.py).
 
 Machines other than the first of a multi-node launch run that accelerate command themselves with their
 ``--machine_rank`` (README "Many machines"; the launcher prints it when the profile has num_machines > 1).
@@ -20,13 +21,24 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from rlhf.config import ConfigError, Launch
 from rlhf.distributed import read_profile
 from rlhf.params import load_params
-from tasks.stage_io import EXIT_BAD_INPUT, EXIT_DIVERGED, fail, refuse_bad_input
+from tasks.stage_io import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_NO_SPACE,
+    EXIT_STALLED,
+    events_file,
+    fail,
+    refuse_bad_input,
+)
+from tasks.stall import STACKS_ENV, StallWatch, stacks_folder
 
 USAGE = "usage: python -m tasks.launch -m tasks.<stage> [stage arguments…]"
 
@@ -57,12 +69,13 @@ class HeldRecords(logging.Handler):
         self.records.append(record)
 
 
-def run_accelerate(arguments: list[str]) -> int:
+def run_accelerate(arguments: list[str], watch: StallWatch | None = None) -> int:
     """`accelerate launch` with ``arguments`` in this process; the stage's exit code (the first failed rank's).
 
     torchrun's agent (several processes) logs its view of a failure ("closing signal SIGTERM", "failed (exitcode: 2)
     local_rank: 0 …") after the stage has printed its one ``error:`` line; those records are held while the launch
-    runs and passed on unless the stage stopped on purpose (bad input, divergence), where they would only repeat it.
+    runs and passed on unless the stage stopped on purpose (bad input, divergence, full disk) or ``watch`` stopped it,
+    where they would only repeat what was said.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -84,7 +97,8 @@ def run_accelerate(arguments: list[str]) -> int:
     finally:
         agent.removeHandler(held)
         agent.propagate = True
-    if code not in (EXIT_BAD_INPUT, EXIT_DIVERGED):  # a crash: what the agent saw says where
+    stalled = watch is not None and watch.report is not None
+    if code not in (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_NO_SPACE) and not stalled:  # a crash: the agent's view helps
         for record in held.records:
             logging.getLogger(record.name).handle(record)
     return code
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         except KeyError as error:
             raise ConfigError(f"{error.args[0]}; {USAGE}") from None
         machines = int(read_profile(launch.config_file, "launch profile").get("num_machines", 1) or 1)
+        stall_timeout_s = load_params().launch.stall_timeout_s
     command = accelerate_arguments(launch, module, arguments)
     shown = shlex.join(["accelerate", "launch", *command])
     print(f"launch: {shown}", file=sys.stderr, flush=True)
@@ -112,7 +127,32 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    raise SystemExit(run_accelerate(command))
+    raise SystemExit(run_watched(stage, command, stall_timeout_s))
+
+
+def run_watched(stage: str, command: list[str], stall_timeout_s: float) -> int:
+    """run_accelerate under a StallWatch of the stage's events file (none when ``stall_timeout_s`` is 0)."""
+    events = events_file(stage).resolve()
+    shutil.rmtree(stacks_folder(events), ignore_errors=True)  # a previous run's stacks would be read as this one's
+    os.environ[STACKS_ENV] = str(stacks_folder(events))  # inherited by the stage processes
+    watch = StallWatch(events, stall_timeout_s, project=Path(__file__).resolve().parents[1])
+    if stall_timeout_s > 0:
+        watch.start()
+    try:
+        code = run_accelerate(command, watch)
+    finally:
+        watch.finished.set()
+    if watch.report is None:
+        return code
+    print(
+        f"error: {stage}: no event for {stall_timeout_s:g} s (launch.stall_timeout_s), so the launcher stopped it; "
+        f"last event: {watch.last_event}; where each rank was (full stacks in {stacks_folder(events_file(stage))}):",
+        file=sys.stderr,
+        flush=True,
+    )
+    for line in watch.report:
+        print(f"  {line}", file=sys.stderr, flush=True)
+    return EXIT_STALLED
 
 
 if __name__ == "__main__":

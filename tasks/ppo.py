@@ -27,8 +27,9 @@ import resource
 import torch
 
 from rlhf import data
+from rlhf.checkpoint import kept_on_disk
 from rlhf.config import ConfigError
-from rlhf.files import replace_folder, staging_folder, write_csv, write_json
+from rlhf.files import is_no_space, replace_folder, tensor_bytes, write_csv, write_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import check_prompts_fit, count_parameters, load_tokenizer, set_seed
 from rlhf.params import load_params
@@ -41,6 +42,7 @@ from rlhf.ppo_trainer.snapshots import PolicySnapshots, save_policy
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, read_records
 from tasks.stage_io import (
     EXIT_DIVERGED,
+    EXIT_NO_SPACE,
     TrainingLog,
     checkpoint_events,
     emit,
@@ -48,6 +50,7 @@ from tasks.stage_io import (
     parse_paths,
     refuse_bad_input,
     release_free_heap,
+    reports_full_disk,
     start_events,
     tune_malloc_for_training,
 )
@@ -70,6 +73,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# a full disk: one line naming the resume checkpoint a rerun starts from, exit 4 (tasks/stage_io.py)
+@reports_full_disk("ppo", kept=lambda: kept_on_disk("ppo", "iteration"))
 def main(argv: list[str] | None = None) -> None:
     start_events("ppo")  # this run's events only (.rlhf/logs/ppo.jsonl)
     args = parse_paths(
@@ -146,11 +151,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     except NonFiniteError as error:
         fail(f"{error}; {resume.kept()}", code=EXIT_DIVERGED)
+    except Exception as error:
+        if is_no_space(error):  # snapshots after the kept checkpoint (a half-written one too) would be redone anyway
+            kept = resume.last_step or 0
+            snapshots.keep_only([step for step in snapshots.written if step <= kept], accelerator.is_main_process)
+        raise
     policy = export_policy(accelerator, prepared.module)  # every process: a collective under FSDP
     if accelerator.is_main_process:
-        staging = staging_folder(args.out)
-        save_policy(policy, models.tokenizer, config, staging)
-        replace_folder(staging, args.out)
+        with write_folder(args.out, needed=tensor_bytes(policy.state_dict().values())) as staging:
+            save_policy(policy, models.tokenizer, config, staging)
         replace_folder(snapshots.folder, args.snapshots)
         write_csv(args.history, history)
         if resume.step:  # the curves from iteration 1, not from the checkpoint
@@ -189,14 +198,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run() -> None:
-    """main(), with a deliberate stop (bad input: exit 2, diverged: exit 3) also reported as a ``failed`` event:
-    `accelerate launch` and `dvc repro` exit 1 / 255 whatever the stage's status, and the Prefect flow must tell a
-    stop that a retry cannot fix from a crash that a retry resumes (flows/stages.py)."""
+    """main(), with a deliberate stop (bad input: exit 2, diverged: exit 3, disk full: exit 4) also reported as a
+    ``failed`` event: `accelerate launch` and `dvc repro` exit 1 / 255 whatever the stage's status, and the Prefect
+    flow must tell a stop that a retry cannot fix from a crash that a retry resumes (flows/stages.py)."""
     try:
         main()
     except SystemExit as stop:
-        if stop.code in (2, EXIT_DIVERGED):
-            emit("ppo", "failed", exit_code=stop.code)
+        if stop.code in (2, EXIT_DIVERGED, EXIT_NO_SPACE):
+            try:
+                emit("ppo", "failed", exit_code=stop.code)
+            except OSError:  # the events file is on the full disk: DVC's line still carries the exit code
+                pass
         raise
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 from transformers import AutoModelForCausalLM
 
 from rlhf import data, embedded, importers
-from rlhf.files import replace_folder, staging_folder, write_json, write_jsonl
+from rlhf.files import tensor_bytes, write_folder, write_json, write_jsonl
 from rlhf.modeling import build_tiny_gpt2, count_parameters, disable_dropout, load_tokenizer
 from rlhf.params import load_params
 from rlhf.validation import check_tokenizer_fits_model
-from tasks.stage_io import emit, parse_paths, refuse_bad_input, start_events
+from tasks.stage_io import emit, parse_paths, refuse_bad_input, reports_full_disk, start_events
 
 
 def end_turns_with_eos(tokenizer, base_model: str) -> None:
@@ -62,6 +62,7 @@ def load_real_dataset(
     }
 
 
+@reports_full_disk("prepare")  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("prepare")  # this run's events only (.rlhf/logs/prepare.jsonl)
     args = parse_paths(argv, "python -m tasks.prepare", "sft_data prompts base metrics")
@@ -119,10 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, rows in corpus.items():
         folder = args.sft_data if name.startswith("sft") else args.prompts
         write_jsonl(folder / f"{name.split('_', 1)[1]}.jsonl", rows)
-    staging = staging_folder(args.base)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    replace_folder(staging, args.base)
+    with write_folder(args.base, needed=tensor_bytes(model.state_dict().values())) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     metrics = {
         "n_demonstrations_train": len(corpus["sft_train"]),
         "n_demonstrations_eval": len(corpus["sft_eval"]),

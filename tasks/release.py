@@ -14,10 +14,10 @@ from pipeline.lineage import LOCK_FILE, git_commit, stage_lineage
 from pipeline.workspace import upstream_of
 from rlhf.card import build_model_card
 from rlhf.config import as_dict
-from rlhf.files import read_csv, replace_folder, staging_folder
+from rlhf.files import read_csv, tree_size, write_folder
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, read_json_object
-from tasks.stage_io import emit, parse_paths, refuse_bad_input, start_events
+from tasks.stage_io import emit, parse_paths, refuse_bad_input, reports_full_disk, start_events
 
 RELEASE_FILES = (
     "model.safetensors",
@@ -31,6 +31,7 @@ RELEASE_FILES = (
 )
 
 
+@reports_full_disk("release")  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("release")  # this run's events only (.rlhf/logs/release.jsonl)
     args = parse_paths(
@@ -40,14 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params()
         check_model_dir(args.policy)
         metrics = {name: read_json_object(getattr(args, f"{name}_metrics")) for name in ("evaluate", "reward", "ppo")}
-    staging = staging_folder(args.out)
-    for path in args.policy.iterdir():
-        if path.name in RELEASE_FILES or path.suffix in {".json", ".txt", ".model"}:
-            shutil.copy2(path, staging / path.name)
-    plots = [path.name for path in args.plots if path.exists()]
-    for path in args.plots:
-        if path.exists():
-            shutil.copy2(path, staging / path.name)
+    copied = [p for p in args.policy.iterdir() if p.name in RELEASE_FILES or p.suffix in {".json", ".txt", ".model"}]
+    plots = [path for path in args.plots if path.exists()]
     card = build_model_card(
         model_name=params.release.model_name,
         license=params.release.license,
@@ -62,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         lineage=stage_lineage(LOCK_FILE, upstream_of("release")),  # the stages before this one in dvc.yaml
         samples_markdown=args.samples.read_text() if args.samples.exists() else "",
         overoptimization=read_csv(args.curve),
-        plots=plots,
+        plots=[path.name for path in plots],
     )
-    card.save(staging / "README.md")
-    replace_folder(staging, args.out)
+    with write_folder(args.out, needed=sum(tree_size(path) for path in copied + plots)) as staging:
+        for path in copied + plots:
+            shutil.copy2(path, staging / path.name)
+        card.save(staging / "README.md")
     emit("release", "metrics", files=sorted(p.name for p in args.out.iterdir()))
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import statistics
 
 from rlhf import data
-from rlhf.checkpoint import ResumeCheckpoints
+from rlhf.checkpoint import ResumeCheckpoints, kept_on_disk
 from rlhf.config import ConfigError
 from rlhf.distributed import launch_part, make_accelerator, processes_of, unsupported_resume
-from rlhf.files import replace_folder, staging_folder, write_json
+from rlhf.files import tensor_bytes, write_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import RewardNormalization, load_scalar_model, load_tokenizer, set_seed
 from rlhf.params import load_params
@@ -30,6 +30,7 @@ from tasks.stage_io import (
     fail,
     parse_paths,
     refuse_bad_input,
+    reports_full_disk,
     start_events,
 )
 
@@ -44,6 +45,7 @@ def annotator_agreement(rows: list[dict]) -> float | None:
     return statistics.fmean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
 
 
+@reports_full_disk("reward", kept=lambda: kept_on_disk("reward"))  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("reward")  # this run's events only (.rlhf/logs/reward.jsonl)
     args = parse_paths(argv, "python -m tasks.reward", "sft preferences pairs out metrics live")
@@ -110,11 +112,10 @@ def save_reward_model(model, tokenizer, args, samples: list[dict], splits: dict,
         pairs = [(r["prompt"], r["chosen"]) for r in splits["train"][:N_NORMALIZATION_SAMPLES]]
     scores = raw_scores(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs])
     normalization = RewardNormalization(mean=float(scores.mean()), std=float(scores.std().clamp(min=1e-6)))
-    staging = staging_folder(args.out)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    normalization.save(staging)
-    replace_folder(staging, args.out)
+    with write_folder(args.out, needed=tensor_bytes(model.state_dict().values())) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        normalization.save(staging)
     agreement = annotator_agreement(splits["eval"])
     metrics.update(
         {

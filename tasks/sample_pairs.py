@@ -17,9 +17,10 @@ from rlhf.generation import decode_responses, rank_seed, sample_batches
 from rlhf.modeling import check_prompts_fit, load_policy, load_tokenizer, set_seed
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
-from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, start_events
+from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, reports_full_disk, start_events
 
 
+@reports_full_disk("sample_pairs")  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("sample_pairs")  # this run's events only (.rlhf/logs/sample_pairs.jsonl)
     args = parse_paths(argv, "python -m tasks.sample_pairs", "sft prompts out metrics")

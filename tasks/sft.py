@@ -11,10 +11,10 @@ dvclive/sft (DVCLive: tasks/stage_io.py TrainingLog).
 from __future__ import annotations
 
 from rlhf import data
-from rlhf.checkpoint import ResumeCheckpoints
+from rlhf.checkpoint import ResumeCheckpoints, kept_on_disk
 from rlhf.config import ConfigError
 from rlhf.distributed import launch_part, make_accelerator, processes_of, unsupported_resume
-from rlhf.files import replace_folder, staging_folder, write_json
+from rlhf.files import tensor_bytes, write_folder, write_json
 from rlhf.guards import NonFiniteError
 from rlhf.modeling import load_policy, load_tokenizer, max_positions, set_seed
 from rlhf.params import load_params
@@ -28,10 +28,12 @@ from tasks.stage_io import (
     fail,
     parse_paths,
     refuse_bad_input,
+    reports_full_disk,
     start_events,
 )
 
 
+@reports_full_disk("sft", kept=lambda: kept_on_disk("sft"))  # a full disk: one line, exit 4 (tasks/stage_io.py)
 def main(argv: list[str] | None = None) -> None:
     start_events("sft")  # this run's events only (.rlhf/logs/sft.jsonl)
     args = parse_paths(argv, "python -m tasks.sft", "base data out metrics live")
@@ -74,10 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteError as error:
         fail(f"{error}; {checkpoints.kept()}", code=EXIT_DIVERGED)
     if accelerator.is_main_process:
-        staging = staging_folder(args.out)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        replace_folder(staging, args.out)
+        with write_folder(args.out, needed=tensor_bytes(model.state_dict().values())) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
         metrics.update(world_size=accelerator.num_processes, distributed_type=accelerator.distributed_type.value)
         write_json(args.metrics, metrics)
     accelerator.wait_for_everyone()

@@ -22,11 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlhf.files import NoSpaceError, free_space, is_no_space, shown_path
 from rlhf.validation import with_fix
+from tasks.stall import arm_stage_process
 
 EVENTS_DIR = Path(".rlhf/logs")  # beside the resume checkpoints, outside DVC's outs; relative to the repo root
 EXIT_BAD_INPUT = 2  # refused before any expensive work: a rerun fails the same way
 EXIT_DIVERGED = 3  # NaN/inf in training (rlhf.guards.NonFiniteError): the last good checkpoint is kept
+EXIT_NO_SPACE = 4  # a write found the disk or quota full: partial files removed, the last good checkpoint kept;
+# not retried (a rerun fills the disk again until someone frees space)
+EXIT_STALLED = 5  # no event for launch.stall_timeout_s: the launcher stopped the stage (tasks/stall.py); retried
 
 
 def parse_paths(argv: list[str] | None, program: str, names: str) -> argparse.Namespace:
@@ -67,6 +72,7 @@ def start_events(stage: str) -> None:
     _shown_tenths.pop(stage, None)
     if os.environ.get("RANK", "0") == "0":
         events_file(stage).unlink(missing_ok=True)
+    arm_stage_process()  # launched: stacks on SIGUSR1 for the launcher's stall watch, and die with the launcher
 
 
 class EventTail:
@@ -203,6 +209,63 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     if os.environ.get("RANK", "0") == "0":  # torchrun's global rank; unset for one process
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def _mib(size: int) -> str:
+    mib = size / 2**20
+    return f"{mib:.2g} MiB" if mib < 10 else f"{mib:.0f} MiB"
+
+
+def _first(error: BaseException | None, kind: type) -> Any:
+    """The first error of type ``kind`` in ``error``'s chain (itself, then what it was raised from or during)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def no_space_message(stage: str, error: BaseException, kept: Callable[[], str] | None = None) -> str:
+    """The one line of a stage stopped by a full disk: what could not be written, about how much it needed, how much
+    is free where, and what is kept (the write's own note, then ``kept()``: e.g. the resume checkpoint on disk)."""
+    found = _first(error, NoSpaceError)
+    if found is not None:  # from rlhf.files: the partial file or folder is already removed, the size estimated
+        path, needed, free, mount = shown_path(found.path), f"≈ {_mib(found.needed)}", found.free, found.mount
+        notes = [found.kept or "partial files removed"]
+    else:  # from a writer outside rlhf.files (DVCLive, the events file, a PNG): it may name no file, may leave part
+        raw = _first(error, OSError)
+        named = (getattr(raw, "filename2", None) or getattr(raw, "filename", None)) if raw is not None else None
+        path = shown_path(named) if named else "a file the error does not name"
+        (free, mount), needed = free_space(named or "."), "more than is free"
+        notes = [f"{path} may be incomplete" if named else "the file being written may be incomplete"]
+    if kept is not None:
+        notes.append(kept())
+    return (
+        f"{stage}: no space left on device writing {path} (needed {needed}, {_mib(free)} free on {mount}); "
+        f"free space and rerun — {'; '.join(notes)}"
+    )
+
+
+def reports_full_disk(stage: str, kept: Callable[[], str] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator of a stage program's ``main``: a full disk (ENOSPC or EDQUOT, however the writer wrapped it) stops the
+    stage with :func:`no_space_message` and exit :data:`EXIT_NO_SPACE` instead of a traceback; ``kept``: a sentence
+    on what a rerun resumes from (rlhf.checkpoint.kept_on_disk), read after the failed write cleaned up."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except Exception as error:
+                if not is_no_space(error):
+                    raise
+                fail(no_space_message(stage, error, kept), code=EXIT_NO_SPACE)
+
+        return run
+
+    return decorate
 
 
 class _RefuseBadInput:

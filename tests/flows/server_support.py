@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,3 +68,33 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def start_server(home: Path, port: int) -> subprocess.Popen:
+    """`prefect server start` on ``port`` with its SQLite database under ``home``, in a process group of its own (the
+    CLI runs uvicorn and its services as children); returns once healthy. Started again on the same home and port, it
+    is the same server restarted: same database, same address. No UI (it only slows the start)."""
+    env = without_prefect_settings(dict(os.environ))
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false")
+    log = home / "server.log"
+    with log.open("a") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=home,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}/api", process, log, SERVER_STARTUP_TIMEOUT_S)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL the server's whole process group, as a crash or an OOM kill would: no shutdown of any kind."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)

@@ -409,6 +409,7 @@ def test_the_corpus_covers_every_kind_of_damage_the_issue_names() -> None:
         ),
         ("launch", {"mixed_precision": "fp16"}, "launch.mixed_precision must be one of ['no', 'bf16'], got 'fp16'"),
         ("launch", {"sft": {"num_processes": 0}}, "launch.sft.num_processes must be ≥ 1 or null, got 0"),
+        ("launch", {"stall_timeout_s": -1}, "launch.stall_timeout_s must be ≥ 0 seconds (0 = never stop a silent"),
         ("ppo", {"gradient_accumulation_steps": 3}, "must be divisible by ppo.gradient_accumulation_steps (3)"),
         (
             "prepare",
