@@ -4,14 +4,16 @@
 
 Each run: 1. ask DVC whether any input changed (new labels, data, params, code); 2. if so, run the lifecycle;
 3. compare the new evaluation with the promoted model's record; 4. promote only if better by `margin`, and then
-publish the release to the Hub if `publish_repo_id` is set (flows/publish.py); 5. record the decision as an
-artifact (key `retrain-decision`).
+publish the release to the Hub if `publish_repo_id` is set (flows/publish.py); 5. with `gc_cache`, drop from the DVC
+cache what the workspace no longer uses (`dvc gc --workspace`); 6. record the decision as an artifact (key
+`retrain-decision`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from flows.notify import notify_failure
 from flows.publish import publish_task
 from pipeline.lineage import LOCK_FILE, git_commit
 from pipeline.lock import workspace_lock
-from pipeline.workspace import out_of_date_stages
+from pipeline.workspace import dvc_command, out_of_date_stages, stage_environment
 from rlhf.files import replace_folder, staging_folder, write_json
 
 PROMOTED_DIR = Path(".rlhf/promoted")  # the promoted release and its record (outside DVC: a decision, not an output)
@@ -70,6 +72,25 @@ def promote(repo_dir: str, metrics: dict) -> dict:
     return record
 
 
+@task
+def collect_cache_garbage(repo_dir: str) -> str:
+    """`dvc gc --workspace --force`: keep in the DVC cache only the objects the workspace's dvc.lock uses.
+
+    Every run that retrains adds its new outputs to the cache (models, preferences, snapshots) and nothing ever
+    removes the previous run's, so the cache grows by a run's outputs per run. The promoted release is a copy
+    outside the cache (.rlhf/promoted), so it is unaffected; earlier runs' outputs can no longer be checked out from
+    this cache (`dvc push` them to a remote first to keep them). Returns DVC's summary."""
+    result = subprocess.run(
+        dvc_command("gc", "--workspace", "--force"),
+        cwd=repo_dir,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return " ".join(line.strip() for line in result.stdout.splitlines() if line.strip()) or "nothing to remove"
+
+
 @flow(name="rlhf-retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
 def retrain(
     repo_dir: str = ".",
@@ -80,27 +101,27 @@ def retrain(
     publish_private: bool = True,
     publish_min_value: float = 0.5,
     wait_for_lock_s: float = 0.0,
+    label_batches: int = 1,
+    gc_cache: bool = False,
 ) -> dict:
     """Retrain if inputs changed; promote the result only if it beats the promoted model; publish what is promoted.
 
     ``publish_repo_id`` empty means don't publish; otherwise a promoted release is uploaded to that Hub repo if its
     ``metric`` is at least ``publish_min_value`` (token: HF_TOKEN or the Prefect Secret block `hf-token`).
-    The whole run (status check, lifecycle, promotion, publishing) holds the workspace lock (pipeline/lock.py): it fails
-    at once if another run holds it, or after waiting ``wait_for_lock_s`` seconds.
+    ``label_batches``: with `label.annotator: human`, how many batches of pairs the lifecycle pauses for before the
+    label stage (0: none; the labels then come from `rlhf label` runs between retrains, and they are the change that
+    starts the next retrain). ``gc_cache``: after a run that retrained, `dvc gc --workspace` (collect_cache_garbage).
+    The whole run (status check, lifecycle, promotion, publishing, gc) holds the workspace lock (pipeline/lock.py): it
+    fails at once if another run holds it, or after waiting ``wait_for_lock_s`` seconds.
     """
     repo = str(Path(repo_dir).resolve())
     with workspace_lock(repo, wait_for_lock_s, "rlhf-retrain flow"):
-        return _retrain(repo, metric, margin, force, publish_repo_id, publish_private, publish_min_value)
+        publish = {"repo_id": publish_repo_id, "private": publish_private, "min_value": publish_min_value}
+        return _retrain(repo, metric, margin, force, publish, label_batches, gc_cache)
 
 
 def _retrain(
-    repo: str,
-    metric: str,
-    margin: float,
-    force: bool,
-    publish_repo_id: str,
-    publish_private: bool,
-    publish_min_value: float,
+    repo: str, metric: str, margin: float, force: bool, publish: dict, label_batches: int, gc_cache: bool
 ) -> dict:
     logger = get_run_logger()
     # 1. did anything change?
@@ -109,7 +130,7 @@ def _retrain(
         decision = {"ran": False, "promoted": False, "reason": "no input changed since the last run"}
     else:
         # 2. run the pipeline (DVC reruns only what changed)
-        results = lifecycle(repo_dir=repo)
+        results = lifecycle(repo_dir=repo, label_batches=label_batches)
         new_metrics = results["evaluate"]["metrics"]
         # 3–4. evaluation gate
         promoted = read_record(repo)
@@ -117,6 +138,7 @@ def _retrain(
         decision = {
             "ran": True,
             "changed_stages": changed,
+            "stages_run": [stage for stage, result in results.items() if not result["skipped"]],
             "promoted": ok,
             "reason": reason,
             "metric": metric,
@@ -126,12 +148,14 @@ def _retrain(
         if ok:
             promote(repo, new_metrics)
             decision["release"] = str(Path(repo, PROMOTED_DIR, "release"))
-            if publish_repo_id:
+            if publish["repo_id"]:
                 published = publish_task(
-                    repo, publish_repo_id, private=publish_private, metric=metric, min_value=publish_min_value
+                    repo, publish["repo_id"], private=publish["private"], metric=metric, min_value=publish["min_value"]
                 )
                 decision["published"] = {key: published[key] for key in ("url", "commit_oid", "tag", "created_commit")}
-    # 5. record the decision
+        if gc_cache:  # after promotion and publishing: both read the workspace (and .rlhf), never the cache
+            decision["gc"] = collect_cache_garbage(repo)
+    # 6. record the decision
     logger.info("retrain decision: %s", decision)
     lines = ["# Retrain decision", ""] + [f"- **{k}**: {v}" for k, v in decision.items()]
     create_markdown_artifact(markdown="\n".join(lines), key=DECISION_ARTIFACT_KEY, description="retrain gate decision")
@@ -145,9 +169,12 @@ def serve(
     margin: float = 0.0,
     publish_repo_id: str = "",
     wait_for_lock_s: float = 0.0,
+    label_batches: int = 1,
+    gc_cache: bool = False,
 ) -> None:
     """Serve the cron deployment `rlhf-retrain`; the deployment allows one run at a time (and the workspace lock one
-    run of any kind: a scheduled run that finds a manual one in progress waits ``wait_for_lock_s``, then fails)."""
+    run of any kind: a scheduled run that finds a manual one in progress waits ``wait_for_lock_s``, then fails).
+    ``label_batches``, ``gc_cache``: as :func:`retrain` (unattended with human labels: ``label_batches=0``)."""
     deployment = retrain.to_deployment(
         name="rlhf-retrain",
         cron=cron,
@@ -158,6 +185,8 @@ def serve(
             "margin": margin,
             "publish_repo_id": publish_repo_id,
             "wait_for_lock_s": wait_for_lock_s,
+            "label_batches": label_batches,
+            "gc_cache": gc_cache,
         },
         description="Retrain when inputs change; promote only if the evaluation beats the promoted model.",
     )

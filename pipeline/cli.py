@@ -6,7 +6,8 @@
     rlhf repro                 the same without Prefect: plain `dvc repro`
     rlhf stage NAME            reproduce one stage and its out-of-date upstream stages (`dvc repro NAME`)
     rlhf status                out-of-date stages (`dvc status`)
-    rlhf serve --cron EXPR     serve the scheduled retraining deployment `rlhf-retrain`
+    rlhf serve --cron EXPR     serve the scheduled retraining deployment `rlhf-retrain` [--gc-cache: `dvc gc
+                               --workspace` after each retrain; --label-batches N]
     rlhf label                 label pending pairs in the Prefect UI (flow `rlhf-human-labels`)
     rlhf verify [--repair]     hash every DVC cache object dvc.lock names again; name the corrupted or missing ones
                                (--repair: restore each from its workspace file, or remove it so `rlhf run` rebuilds)
@@ -216,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--publish-repo-id", default="", help="publish each promoted release to this Hub repo (HF_TOKEN)"
     )
+    serve.add_argument(
+        "--label-batches", type=int, default=1, help="human labels: batches each run pauses for (0: from `rlhf label`)"
+    )
+    serve.add_argument(
+        "--gc-cache", action="store_true", help="`dvc gc --workspace` after each retrain: a bounded DVC cache"
+    )
     add_lock_option(serve)  # each scheduled run waits this long for a run already in progress
     label = commands.add_parser("label", help="collect human preference labels through the Prefect UI")
     label.add_argument("--batch-size", type=int, default=8)
@@ -249,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from flows.retrain import serve as serve_retrain
 
-        serve_retrain(args.cron, ".", args.metric, args.margin, args.publish_repo_id, args.wait_for_lock)
+        serve_retrain(
+            args.cron,
+            ".",
+            args.metric,
+            args.margin,
+            args.publish_repo_id,
+            args.wait_for_lock,
+            label_batches=args.label_batches,
+            gc_cache=args.gc_cache,
+        )
         return 0
     from flows.labeling import collect_human_labels
 

@@ -12,6 +12,8 @@ Two halves, joined by the environment variable ``RLHF_STACKS_DIR`` that the laun
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import faulthandler
 import os
@@ -42,9 +44,19 @@ def arm_stage_process() -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     Path(folder).mkdir(parents=True, exist_ok=True)
-    _dump_file = open(Path(folder) / f"{rank}.txt", "w")  # noqa: SIM115 (open for the life of the process)
+    path = Path(folder) / f"{rank}.txt"
+    _dump_file = open(path, "w")  # noqa: SIM115 (open for the life of the process)
     faulthandler.register(signal.SIGUSR1, file=_dump_file, all_threads=True)
+    atexit.register(_remove_if_unused, path)  # a stage that ends normally leaves no empty stack file behind
     die_with_parent()
+
+
+def _remove_if_unused(path: Path) -> None:
+    faulthandler.unregister(signal.SIGUSR1)
+    if path.exists() and path.stat().st_size == 0:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the other ranks' files may still be there
+            path.parent.rmdir()
 
 
 def die_with_parent() -> None:
