@@ -48,6 +48,7 @@ from rlhf.ppo_trainer.snapshots import save_policy
 from rlhf.training import Prepared, exported_model, micro_batch_size
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 from tasks.stage_io import EXIT_DIVERGED, TrainingLog, emit, fail, refuse_bad_input, tune_malloc_for_training
+from tasks.stall import end_stage
 
 
 def read_preferences(folder: Path, tokenizer, limit: int | None) -> dict[str, list[dict]]:
@@ -166,4 +167,4 @@ def main(args: argparse.Namespace, config: DPOConfig, ppo: PPOConfig, launch: La
         write_json(args.metrics, metrics)
         emit("ppo", "metrics", **metrics)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock

@@ -29,6 +29,7 @@ from rlhf.modeling import RewardNormalization, check_prompts_fit, load_policy, l
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_same_tokenizer, check_tokenizer_fits_model, load_judge, read_records
 from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, reports_full_disk, start_events
+from tasks.stall import end_stage
 
 
 def checkpoint_folders(snapshots: Path) -> list[tuple[int, Path]]:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if main_process:
         write_outputs(args, params, metrics, curve, policy_samples, sft_samples, gold)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock
 
 
 def write_outputs(args, params, metrics: dict, curve: list[dict], policy_samples, sft_samples, gold) -> None:

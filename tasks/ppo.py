@@ -54,6 +54,7 @@ from tasks.stage_io import (
     start_events,
     tune_malloc_for_training,
 )
+from tasks.stall import end_stage
 
 SUMMARY_KEYS = (
     "objective/kl",
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         emit("ppo", "metrics", **metrics)
     accelerator.wait_for_everyone()
     resume.clear()  # the final outputs are in place: resume state no longer needed
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock
 
 
 def run() -> None:

@@ -33,6 +33,7 @@ from tasks.stage_io import (
     reports_full_disk,
     start_events,
 )
+from tasks.stall import end_stage
 
 N_NORMALIZATION_SAMPLES = 2048
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints.clear()  # the final model is in place: resume state no longer needed
     if accelerator.is_main_process:
         emit("reward", "metrics", **metrics)
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock
 
 
 def save_reward_model(model, tokenizer, args, samples: list[dict], splits: dict, metrics: dict) -> None:

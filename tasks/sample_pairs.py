@@ -18,6 +18,7 @@ from rlhf.modeling import check_prompts_fit, load_policy, load_tokenizer, set_se
 from rlhf.params import load_params
 from rlhf.validation import check_model_dir, check_tokenizer_fits_model, read_records
 from tasks.stage_io import emit, fail, parse_paths, refuse_bad_input, reports_full_disk, start_events
+from tasks.stall import end_stage
 
 
 @reports_full_disk("sample_pairs")  # a full disk: one line, exit 4 (tasks/stage_io.py)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.metrics, metrics)
         emit("sample_pairs", "metrics", **metrics)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from tasks.stage_io import (
     reports_full_disk,
     start_events,
 )
+from tasks.stall import end_stage
 
 
 @reports_full_disk("sft", kept=lambda: kept_on_disk("sft"))  # a full disk: one line, exit 4 (tasks/stage_io.py)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints.clear()  # the final model is in place: resume state no longer needed
     if accelerator.is_main_process:
         emit("sft", "metrics", **metrics)
-    accelerator.end_training()
+    end_stage(accelerator)  # several processes: exits here, past a teardown that can deadlock
 
 
 if __name__ == "__main__":

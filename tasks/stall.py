@@ -1,4 +1,6 @@
-"""A launched stage that stops making progress fails fast and says where each rank was (docs/reliability.md).
+"""Hangs of launched stages: one that stops making progress fails fast and says where each rank was; a stage
+process dies with its launcher; and a multi-process stage exits without the teardown that can deadlock
+(docs/reliability.md).
 
 Two halves, joined by the environment variable ``RLHF_STACKS_DIR`` that the launcher sets for its children:
 
@@ -19,6 +21,7 @@ import faulthandler
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +52,24 @@ def arm_stage_process() -> None:
     faulthandler.register(signal.SIGUSR1, file=_dump_file, all_threads=True)
     atexit.register(_remove_if_unused, path)  # a stage that ends normally leaves no empty stack file behind
     die_with_parent()
+
+
+def end_stage(accelerator) -> None:
+    """The last call of a model stage's main(): accelerate's ``end_training`` (trackers, the process group); then, in
+    a launch of several processes, this process exits at once (exit 0), its atexit handlers run and its streams
+    flushed, without the interpreter's teardown of the objects still alive.
+
+    Why: that teardown frees the DDP wrapper's Reducer with the GIL held, which can drop the last reference to the
+    gloo process group; its destructor joins gloo's worker thread, which may still be freeing the tensors of the last
+    collective and waits for the GIL: a deadlock (pytorch/pytorch#56297, seen here under CPU load: docs/reliability.md
+    "The hang"). Every output is written (and fsynced, rlhf/files.py) before this call."""
+    accelerator.end_training()
+    if accelerator.num_processes <= 1:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _remove_if_unused(path: Path) -> None:
