@@ -70,12 +70,13 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-def start_server(home: Path, port: int) -> subprocess.Popen:
+def start_server(home: Path, port: int, **settings: str) -> subprocess.Popen:
     """`prefect server start` on ``port`` with its SQLite database under ``home``, in a process group of its own (the
     CLI runs uvicorn and its services as children); returns once healthy. Started again on the same home and port, it
-    is the same server restarted: same database, same address. No UI (it only slows the start)."""
+    is the same server restarted: same database, same address. ``settings``: more PREFECT_* variables (the UI's)."""
     env = without_prefect_settings(dict(os.environ))
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false")
+    # the database defaults to sqlite at $PREFECT_HOME/prefect.db
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **settings)
     log = home / "server.log"
     with log.open("a") as output:
         process = subprocess.Popen(

@@ -108,7 +108,7 @@ def test_a_server_killed_during_ppo_lets_ppo_finish_ends_in_one_line_and_a_rerun
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**prefect_client_env(api_url, home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     before = finished_state(repo)
-    server = start_server(home, port)
+    server = start_server(home, port, PREFECT_SERVER_UI_ENABLED="false")  # no UI: it only slows the start
     run = Run(repo, env)
     try:
         killed = kill_after_first_checkpoint(repo, run, server)
@@ -148,7 +148,7 @@ def test_a_server_killed_during_ppo_lets_ppo_finish_ends_in_one_line_and_a_rerun
     assert out_of_date_stages(repo) == ["evaluate", "release"], "DVC recorded ppo as done"
     ppo_outputs = {path: path_digest(repo / path) for path in stage_outputs("ppo")}
 
-    server = start_server(home, port)  # the same database and address
+    server = start_server(home, port, PREFECT_SERVER_UI_ENABLED="false")  # the same database and address
     try:
         rerun = Run(repo, env)
         assert rerun.wait() == 0, rerun.output
