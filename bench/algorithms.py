@@ -3,6 +3,7 @@
     python bench/algorithms.py --workdir /tmp/algorithms                       # every algorithm, seeds 0 1 2
     python bench/algorithms.py --workdir /tmp/algorithms --only ppo,grpo --seeds 0
     python bench/algorithms.py --workdir /tmp/algorithms --sweep diversity     # the mode-collapse settings, seed 0
+    python bench/algorithms.py --workdir /tmp/algorithms --sweep precision     # PPO in fp32 and in bf16, seeds 0 1 2
 
 The upstream stages (prepare → reward, params.yaml as it is, seed 0) run once into ``<workdir>/upstream``; every run
 then gets its own folder whose upstream outputs are links to those, its params.yaml with ``seed: S`` and the run's
@@ -85,6 +86,15 @@ DIVERSITY: dict[str, tuple[dict, str]] = {
         "GRPO, KL as a β·k3 loss term, β = 0.5",
     ),
     "grpo_k8": ({"ppo": {"algorithm": "grpo", "group_size": 8}}, "GRPO with K = 8 samples per prompt"),
+}
+
+# bf16 must not cost learning (docs/performance.md § "bf16"): the embedded default's PPO in fp32 and in bf16
+PRECISION: dict[str, tuple[dict, str]] = {
+    "ppo": ({}, "PPO, fp32 (the embedded default)"),
+    "ppo_bf16": (
+        {"launch": {"ppo": {"mixed_precision": "bf16"}}},
+        "PPO, bf16 (launch.ppo.mixed_precision: bf16; fp32 master weights and AdamW)",
+    ),
 }
 
 METRICS = (
@@ -204,10 +214,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", default="", help="comma-separated names (default: all of the chosen set)")
-    parser.add_argument("--sweep", choices=["algorithms", "diversity"], default="algorithms")
+    parser.add_argument("--sweep", choices=["algorithms", "diversity", "precision"], default="algorithms")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on 2 / jobs threads)")
     args = parser.parse_args()
-    table = ALGORITHMS if args.sweep == "algorithms" else DIVERSITY
+    table = {"algorithms": ALGORITHMS, "diversity": DIVERSITY, "precision": PRECISION}[args.sweep]
     names = [n for n in table if not args.only or n in args.only.split(",")]
     upstream = build_upstream(args.workdir.resolve())
     results_path = args.workdir / f"results-{args.sweep}.json"

@@ -69,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from machine import lscpu  # noqa: E402
 
 SIZES = {  # GPT-2 shapes of bench/ppo_vs_trl.py; Llama: the same trunk, GQA, MLP width matched on parameters
     "1m": {"n_layer": 4, "n_head": 4, "n_embd": 128, "kv_heads": 2},
@@ -426,18 +427,6 @@ def check(families: tuple[str, ...] = ("llama", "qwen2")) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Summary
-
-
-def lscpu() -> dict:
-    fields = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache", "Flags"):
-                fields[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return fields
 
 
 def summarise(size: str, infos: dict, trials: dict[str, list[dict]], precision: str) -> dict:

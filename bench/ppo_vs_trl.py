@@ -9,10 +9,12 @@ separate critic: TRL's architecture), the same prompts, batch, response length (
 unless a row samples EOS, as in TRL with ``stop_token="eos"``), PPO epochs, minibatches, learning rate, clip ranges,
 fixed KL coefficient and k1 estimator, one process, torch's default threads. Four implementations:
 
-- ``ours``: :func:`rlhf.ppo_trainer.loop.train_ppo`, the loop of the ``ppo`` stage, fp32;
-- ``ours_bf16``: the same with ``ppo.mixed_precision: bf16`` (bf16 weights and activations in the PPO epochs with
-  fp32 master weights and optimiser state, ``rlhf.ppo_trainer.memory.Bf16Weights``; frozen models in bf16; sampling in
-  bf16 from width 256, fp32 below, where oneDNN's small bf16 GEMMs cost more than MKL's fp32 ones);
+- ``ours``: :func:`rlhf.ppo_trainer.loop.train_ppo`, the loop of the ``ppo`` stage, fp32, in a process set up as
+  the stage sets up its own (``tasks.stage_io.tune_malloc_for_training``, the heap trimmed after every iteration);
+- ``ours_bf16``: the same with ``launch.mixed_precision: bf16`` (kept bf16 copies of the trained weights for every
+  forward and backward with fp32 master weights and optimiser state, ``rlhf.ppo_trainer.memory.Bf16Weights``; frozen
+  models in bf16; decoding with prepacked bf16 weights, or in fp32 below 4096 rows × width where oneDNN's small bf16
+  GEMMs cost more than MKL's fp32 ones);
 - ``trl``: TRL 1.12's ``PPOTrainer.train()`` with its shipped defaults (``bf16=True`` mixed precision, which
   accelerate applies on GPUs; on this CPU it runs fp32);
 - ``trl_nogc``: the same with the ``gc.collect()`` calls of its loop patched out (its strongest form here).
@@ -27,8 +29,12 @@ compared. Throughput counts the iterations after ``--warmup`` (first-call costs 
 (a probe: the best of large square matmuls). FLOPs counted: generation (prefill + one token per step with the KV
 cache), the reference, reward and critic forwards, and forward + backward (3×) of policy and critic in every PPO
 epoch; per token 2 × (weight parameters + LM head) + the attention products (Kaplan et al. 2020, §2.1).
-``speedup_bound_vs_trl``: the speedup over TRL if our loop's FLOPs ran at 100 % of that peak, i.e. the most any
-implementation of the same work could reach on the machine.
+``best_peak_fraction``: the same over the better of the two dtypes' peaks. ``speedup_bound_vs_trl``: the speedup over
+TRL if our loop's FLOPs ran at 100 % of that peak, i.e. the most any implementation of the same work could reach on
+the machine.
+
+Every run reports the machine with its results (``bench/machine.py``: CPU model, family/model, matrix ISA flags
+such as amx_bf16 / avx512_bf16, torch's CPU capability; the GPU on CUDA).
 
 The last line printed is one JSON object with the ratios of the largest CPU size and every size's figures.
 """
@@ -48,6 +54,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import machine  # noqa: E402
 
 SIZES = {  # GPT-2 shapes over the embedded 512-token vocabulary
     "1m": {"n_layer": 4, "n_head": 4, "n_embd": 128},  # 0.86 M parameters, the embedded default
@@ -151,7 +160,9 @@ def run_ours(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
     from rlhf.ppo_trainer.loop import train_ppo
     from rlhf.ppo_trainer.models import load_ppo_models
     from rlhf.ppo_trainer.optimise import prepare_training
+    from tasks.stage_io import release_free_heap, tune_malloc_for_training
 
+    tune_malloc_for_training()  # as tasks/ppo.py does
     config = PPOConfig(
         iterations=args.warmup + args.iterations,
         rollout_batch_size=args.batch,
@@ -178,7 +189,9 @@ def run_ours(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
         synchronize()
         ends.append(time.perf_counter())
 
-    history = train_ppo(models, prompts, config, 0, accelerator, prepared=prepared, on_iteration=mark)
+    history = train_ppo(
+        models, prompts, config, 0, accelerator, prepared=prepared, on_iteration=mark, after_iteration=release_free_heap
+    )
     timed = history[args.warmup :]
     return {
         "seconds": ends[-1] - ends[args.warmup - 1],
@@ -362,6 +375,7 @@ def summarise(
         "model_flops_per_second": flops,
         "matmul_peak_flops_per_second": peak,
         "peak_fraction": flops / peak,
+        "best_peak_fraction": flops / max(peaks.values()),
         "trials": {name: [round(t["episodes"] / t["seconds"], 2) for t in trials[name]] for name in trials},
     }
     if args.device == "cuda":
@@ -380,14 +394,15 @@ def markdown(results: list[dict]) -> str:
     rows += [
         "",
         "| size | ours | speedup vs TRL | vs TRL without gc | RSS ratio | model TFLOP/s | matmul peak TFLOP/s "
-        "| peak fraction | speedup vs TRL at 100 % of peak |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak fraction | of the best peak | speedup vs TRL at 100 % of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
             f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | "
             f"{r['rss_ratio']:.2f} | {r['model_flops_per_second'] / 1e12:.3f} | "
             f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
+            f"{r['best_peak_fraction']:.2f} | "
             f"{r['speedup_bound_vs_trl']:.1f} |"
         )
     return "\n".join(rows)
@@ -417,6 +432,8 @@ def main() -> None:
         return
     import torch
 
+    described = machine.describe(args.device)
+    print(f"machine: {machine.one_line(described)}", flush=True)
     peaks = {dtype: matmul_peak(args.device, dtype) for dtype in ("fp32", "bf16")}
     print(
         f"matmul peak ({args.device}, {torch.get_num_threads()} threads): "
@@ -444,7 +461,7 @@ def main() -> None:
             results.append(summarise(size, info, trials, peaks, size_args))
     print(markdown(results), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        args.out.write_text(json.dumps({"machine": described, "matmul_peaks": peaks, "results": results}, indent=2))
     headline = results[-1]
     print(
         json.dumps(
@@ -453,7 +470,9 @@ def main() -> None:
                 "speedup_vs_trl_nogc": round(min(r["speedup_vs_trl_nogc"] for r in results), 3),
                 "rss_ratio": round(max(r["rss_ratio"] for r in results), 3),
                 "peak_fraction": round(headline["peak_fraction"], 3),
+                "best_peak_fraction": round(headline["best_peak_fraction"], 3),
                 "device": args.device,
+                "machine": machine.one_line(described),
                 "sizes": {
                     r["size"]: {
                         k: r[k]
@@ -464,6 +483,7 @@ def main() -> None:
                             "speedup_vs_trl_nogc",
                             "rss_ratio",
                             "peak_fraction",
+                            "best_peak_fraction",
                             "speedup_bound_vs_trl",
                         )
                     }

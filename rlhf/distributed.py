@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
+from rlhf import lean_gpt2
 from rlhf.checkpoint import Processes
 from rlhf.config import ConfigError, Launch
 
@@ -59,6 +61,13 @@ def make_accelerator(launch: Launch, stage: str, gradient_accumulation_steps: in
             f"params.yaml: {stage} runs with num_processes {launch.num_processes} (launch.num_processes or "
             f"launch.{stage}.num_processes) but this process runs in a world of {accelerator.num_processes} "
             f"({accelerator.distributed_type}); check its launch config_file {launch.config_file!r}"
+        )
+    if cpu and launch.mixed_precision == "bf16" and accelerator.is_main_process and not lean_gpt2.cpu_has_bf16_gemm():
+        print(
+            f"warning: {stage}: launch.mixed_precision bf16 on a CPU without bf16 GEMM kernels (no AVX-512, "
+            "AVX512-BF16 or AMX): bf16 runs many times slower than fp32 here; set launch.mixed_precision: no",
+            file=sys.stderr,
+            flush=True,
         )
     asked = str(profile.get("distributed_type", ""))
     if asked in SHARDED_TYPES and accelerator.distributed_type.value != asked:

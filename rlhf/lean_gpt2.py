@@ -59,10 +59,46 @@ def _activation(config) -> callable:
     return lambda x: F.gelu(x, approximate=approximate)
 
 
-def _conv1d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D (weight stored in × out): x @ W + b as one addmm over the flattened rows."""
+def _conv1d(layer: nn.Module, x: torch.Tensor, packed: PackedLinear | None = None) -> torch.Tensor:
+    """GPT-2's Conv1D (weight stored in × out): x @ W + b as one addmm over the flattened rows; with ``packed`` (the
+    decoder's CPU bf16 snapshot of this layer, :class:`KVCache`) one oneDNN GEMM on the prepacked weight."""
+    if packed is not None:
+        return packed_linear(x, packed)
     shape = x.shape[:-1] + (layer.weight.shape[1],)
     return torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight).view(shape)
+
+
+@dataclass
+class PackedLinear:
+    """A projection's bf16 weight in oneDNN's blocked layout for GEMMs of a given row count, and its bf16 bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def cpu_has_bf16_gemm() -> bool:
+    """Whether oneDNN has bf16 GEMM kernels on this CPU (AVX-512, AVX512-BF16 or AMX); without them bf16 matmuls take
+    a conversion path many times slower than fp32 (docs/performance.md § "bf16")."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packs_decoding_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the decoder prepacks its weights: bf16 on a CPU whose oneDNN has bf16 kernels. A plain bf16 GEMM
+    reorders the weight into oneDNN's blocked layout on every call, which at one-token shapes costs about as much as
+    the multiply; decoding reuses each weight for every token (measured: docs/performance.md § "bf16")."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_bf16_gemm()
+
+
+def packed_linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """(…, in) → (…, out) bf16: x (cast to bf16) times the prepacked weight, plus the bias; bitwise a bf16 addmm."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.weight.dtype), packed.weight, packed.bias, "none", [], "")
+
+
+@torch.no_grad()
+def pack_linear(weight_out_in: torch.Tensor, bias: torch.Tensor | None, rows: int) -> PackedLinear:
+    """(out, in) weight → :class:`PackedLinear` for ``rows``-row bf16 GEMMs (a snapshot, outside autograd)."""
+    weight = torch.ops.mkldnn._reorder_linear_weight(weight_out_in.detach().to(torch.bfloat16), rows)
+    return PackedLinear(weight, None if bias is None else bias.detach().to(torch.bfloat16))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -95,16 +131,28 @@ def attention_mask_4d(key_mask: torch.Tensor, query_start: int, query_length: in
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole sequence: (layers, b, h, s, dh) each."""
+    """Keys and values of every layer, preallocated for the whole sequence: (layers, b, h, s, dh) each; and, where
+    :func:`packs_decoding_weights`, each layer's projections prepacked for b-row GEMMs (c_attn, attn.c_proj, c_fc,
+    mlp.c_proj): a snapshot of the weights taken when decoding starts."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    packed: list[tuple[PackedLinear, ...]] | None = None
 
     @classmethod
     def empty(cls, model: nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         config = model.config
         shape = (config.n_layer, batch, config.n_head, length, config.n_embd // config.n_head)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        packed = None
+        if packs_decoding_weights(dtype, device):
+            projections = lambda block: (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)  # noqa: E731
+            packed = [
+                tuple(pack_linear(p.weight.t(), p.bias, batch) for p in projections(block))
+                for block in model.transformer.h
+            ]
+        return cls(
+            torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device), packed
+        )
 
 
 def hidden_states(
@@ -130,8 +178,9 @@ def hidden_states(
     h = trunk.wte(input_ids) + trunk.wpe(position_ids)
     end = start + length
     for index, block in enumerate(trunk.h):
+        packed = cache.packed[index] if cache is not None and cache.packed is not None else (None,) * 4
         x = F.layer_norm(h, (config.n_embd,), block.ln_1.weight, block.ln_1.bias, eps)
-        qkv = _conv1d(block.attn.c_attn, x).view(batch, length, 3, heads, head_dim)
+        qkv = _conv1d(block.attn.c_attn, x, packed[0]).view(batch, length, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, s, dh)
         if cache is not None:
             cache.keys[index, :, :, start:end] = k
@@ -142,9 +191,9 @@ def hidden_states(
             scale /= float(index + 1)
         a = attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
         a = a.transpose(1, 2).reshape(batch, length, config.n_embd)
-        h = h + _conv1d(block.attn.c_proj, a)
+        h = h + _conv1d(block.attn.c_proj, a, packed[1])
         x = F.layer_norm(h, (config.n_embd,), block.ln_2.weight, block.ln_2.bias, eps)
-        h = h + _conv1d(block.mlp.c_proj, act(_conv1d(block.mlp.c_fc, x)))
+        h = h + _conv1d(block.mlp.c_proj, act(_conv1d(block.mlp.c_fc, x, packed[2])), packed[3])
     return F.layer_norm(h, (config.n_embd,), trunk.ln_f.weight, trunk.ln_f.bias, eps)
 
 

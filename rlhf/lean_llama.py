@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf.lean_gpt2 import KVCache as _KVCache
-from rlhf.lean_gpt2 import attention_mask_4d
+from rlhf.lean_gpt2 import PackedLinear, attention_mask_4d, pack_linear, packed_linear, packs_decoding_weights
 
 FAMILIES = {"llama", "qwen2", "mistral"}  # same block; Qwen2 adds q/k/v biases, Mistral a sliding window
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -89,6 +89,8 @@ class Fused:
     qkv_bias: torch.Tensor | None  # ((h + 2·kvh)·dh,) with Qwen2's biases, else None
     gate_up_weight: torch.Tensor  # (2·intermediate, d)
     gate_up_bias: torch.Tensor | None
+    # where rlhf.lean_gpt2.packs_decoding_weights: qkv, o_proj, gate_up, down_proj prepacked for the decoder's GEMMs
+    packed: tuple[PackedLinear, PackedLinear, PackedLinear, PackedLinear] | None = None
 
 
 def _cat(tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor | None:
@@ -109,20 +111,28 @@ class KVCache(_KVCache):
         config, layers = model.config, model.model.layers
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, layers[0].self_attn.head_dim)
         with torch.no_grad():  # decoding only: the concatenated weights are a snapshot, outside autograd
-            fused = [_fuse(layer, dtype) for layer in layers]
+            fused = [_fuse(layer, dtype, batch if packs_decoding_weights(dtype, device) else None) for layer in layers]
         keys, values = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
-        return cls(keys, values, fused)
+        return cls(keys, values, fused=fused)
 
 
-def _fuse(layer: nn.Module, dtype: torch.dtype) -> Fused:
+def _fuse(layer: nn.Module, dtype: torch.dtype, packed_rows: int | None = None) -> Fused:
     attn, mlp = layer.self_attn, layer.mlp
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return Fused(
+    fused = Fused(
         _cat([p.weight for p in qkv], dtype),
         _cat([p.bias for p in qkv], dtype),
         _cat([mlp.gate_proj.weight, mlp.up_proj.weight], dtype),
         _cat([mlp.gate_proj.bias, mlp.up_proj.bias], dtype),
     )
+    if packed_rows is not None:
+        fused.packed = (
+            pack_linear(fused.qkv_weight, fused.qkv_bias, packed_rows),
+            pack_linear(attn.o_proj.weight, attn.o_proj.bias, packed_rows),
+            pack_linear(fused.gate_up_weight, fused.gate_up_bias, packed_rows),
+            pack_linear(mlp.down_proj.weight, mlp.down_proj.bias, packed_rows),
+        )
+    return fused
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -191,7 +201,11 @@ def _qkv(layer: nn.Module, x: torch.Tensor, fused: Fused | None) -> tuple[torch.
     head_dim = attn.head_dim
     heads, kv_heads = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
     if fused is not None:
-        qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias).view(batch, length, heads + 2 * kv_heads, head_dim)
+        qkv = (
+            packed_linear(x, fused.packed[0])
+            if fused.packed is not None
+            else F.linear(x, fused.qkv_weight, fused.qkv_bias)
+        ).view(batch, length, heads + 2 * kv_heads, head_dim)
         return qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
     q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, length, heads, head_dim)
     k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, length, kv_heads, head_dim)
@@ -202,6 +216,9 @@ def _qkv(layer: nn.Module, x: torch.Tensor, fused: Fused | None) -> tuple[torch.
 def _mlp(layer: nn.Module, x: torch.Tensor, fused: Fused | None) -> torch.Tensor:
     """(b, s, d) → (b, s, d): SwiGLU, down(silu(gate(x)) · up(x)); gate and up as one GEMM when decoding."""
     mlp = layer.mlp
+    if fused is not None and fused.packed is not None:
+        gate, up = packed_linear(x, fused.packed[2]).chunk(2, dim=-1)
+        return packed_linear(F.silu(gate) * up, fused.packed[3])
     if fused is not None:
         gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, dim=-1)
     else:
@@ -243,7 +260,9 @@ def hidden_states(
             cache.values[index, :, :, start:end] = v
             k, v = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
         a = gqa_attention(q, k.to(q.dtype), v.to(q.dtype), mask, bias, layer.self_attn.scaling)
-        h = h + F.linear(a, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias)
+        o_proj = layer.self_attn.o_proj
+        packed = fused[index].packed if fused is not None else None
+        h = h + (packed_linear(a, packed[1]) if packed is not None else F.linear(a, o_proj.weight, o_proj.bias))
         h = h + _mlp(layer, rms_norm(h, layer.post_attention_layernorm), fused[index] if fused is not None else None)
     return rms_norm(h, trunk.norm)
 

@@ -32,10 +32,16 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf import lean as lean_forward  # "lean" is also sample()'s decoder switch
 
-# Below this width, lean decoding on the CPU (:func:`sample`) stays in fp32 under bf16 autocast: at one-token decode
-# shapes oneDNN's bf16 GEMM costs more per call than MKL's fp32 one; wider models gain from bf16's halved memory
-# traffic (measured: docs/performance.md).
-CPU_BF16_DECODE_MIN_WIDTH = 256
+# Below this many rows × width, lean decoding on the CPU (:func:`sample`) stays in fp32 under bf16 autocast: at such
+# one-token shapes oneDNN's bf16 GEMM costs more per call than MKL's fp32 one, while larger ones gain from bf16's
+# halved weight traffic (and its bf16 instructions where the CPU has them; measured: docs/performance.md).
+CPU_BF16_DECODE_MIN_ELEMENTS = 4096
+
+
+def decodes_in_fp32(policy: nn.Module, rows: int, device: torch.device) -> bool:
+    """Whether :func:`sample` decodes ``rows`` prompts in fp32 although bf16 autocast is on (see above)."""
+    width = policy.config.hidden_size  # GPT-2: n_embd
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and rows * width < CPU_BF16_DECODE_MIN_ELEMENTS
 
 
 @dataclass
@@ -104,9 +110,7 @@ def sample(
     log-probs and (``keep_hidden``) hidden states, None otherwise.
     """
     if lean_forward.supports(policy) if lean is None else lean:
-        device = query_ids.device
-        narrow = policy.config.hidden_size < CPU_BF16_DECODE_MIN_WIDTH  # GPT-2: n_embd
-        fp32 = device.type == "cpu" and torch.is_autocast_enabled("cpu") and narrow
+        fp32 = decodes_in_fp32(policy, query_ids.shape[0], query_ids.device)
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             drawn = lean_sample(
                 policy,

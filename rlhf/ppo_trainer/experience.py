@@ -6,6 +6,8 @@ global batch after :func:`rlhf.ppo_trainer.processes.gather_experience`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -15,9 +17,10 @@ from rlhf import ppo
 from rlhf.config import PPOConfig
 from rlhf.distributed import full_parameters, shard_for_rank
 from rlhf.modeling import encode_prompts
+from rlhf.ppo_trainer.memory import Bf16Weights
 from rlhf.ppo_trainer.models import PPOModels
 from rlhf.rollout import Experience, joined, response_logprobs, response_values, reward_scores
-from rlhf.sampling import sample
+from rlhf.sampling import decodes_in_fp32, sample
 
 
 def iteration_prompts(
@@ -47,14 +50,24 @@ def roll_out(
     uniforms: torch.Tensor | None,
     config: PPOConfig,
     accelerator: Accelerator,
+    bf16_weights: Bf16Weights | None = None,
 ) -> Experience:
     """Steps 2–4 on this process's prompts with the prepared (wrapped) ``module``: unwrapped, in eval mode, under
-    autocast, with whole weights under FSDP (:func:`~rlhf.distributed.full_parameters`)."""
+    autocast, with whole weights under FSDP (:func:`~rlhf.distributed.full_parameters`). With ``bf16_weights`` the
+    forwards read its kept bf16 copies instead of casting the fp32 weights op by op (a policy the sampler decodes in
+    fp32, :func:`rlhf.sampling.decodes_in_fp32`, keeps its fp32 weights)."""
     with full_parameters(accelerator, module), accelerator.autocast():
         unwrapped = accelerator.unwrap_model(module)
         unwrapped.eval()
         forward_batch_size = config.derived(accelerator.num_processes)["local_minibatch_size"]
-        return collect_experience(models, unwrapped, prompts, config, forward_batch_size, accelerator.device, uniforms)
+        bf16_part = None
+        if bf16_weights is not None:
+            fp32_decode = decodes_in_fp32(unwrapped.policy, len(prompts), accelerator.device)
+            bf16_part = getattr(unwrapped, "critic", None) if fp32_decode else unwrapped
+        with bf16_weights.computing(bf16_part) if bf16_part is not None else contextlib.nullcontext():
+            return collect_experience(
+                models, unwrapped, prompts, config, forward_batch_size, accelerator.device, uniforms
+            )
 
 
 def _chunks(n: int, size: int) -> list[slice]:

@@ -104,7 +104,9 @@ def train_ppo(
         # 1. prompts: the global batch, this rank's episodes r, r+N, … of it (and, per_episode, their uniforms)
         local_prompts, uniforms = iteration_prompts(prompts, config, streams, rank, world_size)
         # 2. generate, 3. truncate after EOS, 4. score: old log-probs, reference log-probs, values, RM scores
-        experience = roll_out(models, prepared.module, local_prompts, uniforms, config, accelerator)
+        experience = roll_out(
+            models, prepared.module, local_prompts, uniforms, config, accelerator, prepared.bf16_weights
+        )
         timings["timing/rollout"] = time.perf_counter() - started
         # 5. rewards and 6. advantages, then the global batch everywhere. PPO: GAE on this rank's episodes (whitening
         # statistics global across processes); critic-free: on the gathered batch, whose groups span processes

@@ -15,6 +15,8 @@ they were built with.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -73,22 +75,29 @@ def policy_then_critic_backward(
 
 
 class Bf16Weights:
-    """bf16 copies of the trained weights for the PPO epochs' forwards and backwards; the fp32 tensors stay the
-    optimiser's master weights (mixed precision with an fp32 master copy, Micikevicius et al. 2018; bf16 needs no
-    loss scaling). Swaps ``parameter.data``, so the optimiser, its state and every caller see the same fp32
-    parameters outside :meth:`compute` / :meth:`master` and the module is fp32 again after :meth:`close`.
+    """bf16 copies of the trained weights, kept for every forward and backward of the rollout and the PPO epochs; the
+    fp32 tensors stay the optimiser's master weights (mixed precision with an fp32 master copy, Micikevicius et al.
+    2018; bf16 needs no loss scaling). Swaps ``parameter.data``, so the optimiser, its state and every caller see the
+    same fp32 parameters outside :meth:`compute` / :meth:`master` and the module is fp32 again after :meth:`close`.
 
-    Against autocast over fp32 weights it copies as much per step (weights fp32 → bf16 once, gradients bf16 → fp32
-    once, a chunk at a time in :meth:`step`) but keeps activations in bf16 end to end (no per-op casts) and never
-    holds all gradients in fp32: on the 19 M bench model it lowers peak RSS at the same speed, and further with
-    :func:`policy_then_critic_backward` casting one model at a time (``part``) (bench/ppo_vs_trl.py; measured in
-    docs/performance.md). One process and one micro-batch per step only: DDP's buckets keep the dtype they were
-    built with, and accumulating gradients in bf16 would lose precision.
+    What makes it the fast path (docs/performance.md § "bf16"): the copies are cast once, when the optimiser has
+    moved a master (in :meth:`step`, right after each chunk's AdamW update while that chunk is still in cache), not
+    before every forward; activations stay bf16 end to end (no per-op autocast casts, which under ``no_grad`` repeat
+    for every decoded token); the fp32 gradients for AdamW's fused kernel are cast into one scratch buffer allocated
+    once (a fresh multi-MiB tensor per parameter and step costs page faults on every use). A master changed from
+    outside (a resume checkpoint loaded into the parameters) bumps its version counter, and :meth:`compute` recasts it.
+
+    One process and one micro-batch per step only: DDP's buckets keep the dtype they were built with, and
+    accumulating gradients in bf16 would lose precision.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, chunk_bytes: int = 16 << 20):
         self.parameters = [p for p in module.parameters()]
+        self.chunk_bytes = chunk_bytes
+        self.copies = {id(p): p.detach().to(torch.bfloat16) for p in self.parameters}  # id(parameter) → bf16 copy
+        self.synced = {id(p): p._version for p in self.parameters}  # the master's version the copy was cast from
         self.masters: dict[int, torch.Tensor] = {}  # id(parameter) → its fp32 tensor while .data holds the bf16 copy
+        self.scratch: torch.Tensor | None = None  # fp32 gradients of one chunk (allocated at the first step)
 
     @staticmethod
     def applies(module: nn.Module, config: PPOConfig, accelerator: Accelerator) -> bool:
@@ -100,10 +109,15 @@ class Bf16Weights:
         )
 
     def compute(self, part: nn.Module | None = None) -> None:
-        """Before a forward: the parameters (of ``part``, default all) hold bf16 casts of the (kept) masters."""
+        """Before a forward: the parameters (of ``part``, default all) hold their bf16 copies."""
         for parameter in self.parameters if part is None else part.parameters():
-            master = self.masters.setdefault(id(parameter), parameter.data)
-            parameter.data = master.to(torch.bfloat16)
+            key = id(parameter)
+            if key in self.masters:
+                continue
+            if parameter._version != self.synced[key]:  # changed in place since the last cast (e.g. a resume)
+                self._recast(parameter)
+            self.masters[key] = parameter.data
+            parameter.data = self.copies[key]
 
     def master(self, part: nn.Module | None = None) -> None:
         """After the backward: the parameters (of ``part``, default all) hold the fp32 masters again (their gradients
@@ -112,28 +126,55 @@ class Bf16Weights:
             if id(parameter) in self.masters:
                 parameter.data = self.masters.pop(id(parameter))
 
-    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, chunk_bytes: int = 16 << 20) -> torch.Tensor:
-        """Clip by the global gradient norm (accumulated in fp32) and step, casting the bf16 gradients to fp32 a
-        chunk of parameters at a time so that never more than ``chunk_bytes`` of fp32 gradients exist (AdamW's
-        fused kernel needs gradients in the parameters' dtype). Parameters without a gradient are skipped by the
-        optimiser, so stepping chunk by chunk gives the same numbers as one step. Returns the norm before clipping.
+    @contextlib.contextmanager
+    def computing(self, part: nn.Module | None = None):
+        """:meth:`compute` … :meth:`master` around a block (the rollout's forwards)."""
+        self.compute(part)
+        try:
+            yield
+        finally:
+            self.master(part)
+
+    def _recast(self, parameter: nn.Parameter) -> None:
+        self.copies[id(parameter)].copy_(parameter.detach())
+        self.synced[id(parameter)] = parameter._version
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm and step, then recast the moved masters' bf16 copies. The bf16 gradients
+        are cast to fp32 (AdamW's fused kernel needs gradients in the parameters' dtype) a chunk of parameters at a
+        time into the scratch buffer, so never more than ``chunk_bytes`` (or one parameter) of fp32 gradients exist.
+        Parameters without a gradient are skipped by the optimiser, so stepping chunk by chunk gives the same numbers
+        as one step. Returns the norm before clipping.
         """
         pending = [(p, p.grad) for p in self.parameters if p.grad is not None]
         for parameter, _ in pending:
             parameter.grad = None
-        norms = [torch.linalg.vector_norm(grad, dtype=torch.float32) for _, grad in pending]
-        total_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        # per-tensor norms of bf16 gradients accumulate in fp32 (and are rounded to bf16); the total in fp32
+        norms = torch._foreach_norm([grad for _, grad in pending]) if pending else []
+        total_norm = torch.linalg.vector_norm(torch.stack(norms).float()) if norms else torch.zeros(())
         scale = (max_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        clipping = bool(scale < 1.0)
+        if pending and self.scratch is None:
+            largest = max(p.numel() for p in self.parameters)
+            self.scratch = torch.empty(max(self.chunk_bytes // 4, largest), device=self.parameters[0].device)
         while pending:
-            chunk, size = [], 0
-            while pending and (not chunk or size + pending[0][0].numel() * 4 <= chunk_bytes):
+            chunk, grads, used = [], [], 0
+            while pending and used + pending[0][0].numel() <= self.scratch.numel():
                 parameter, grad = pending.pop(0)
-                parameter.grad = grad.float().mul_(scale)
+                parameter.grad = self.scratch[used : used + grad.numel()].view_as(grad)
                 chunk.append(parameter)
-                size += parameter.numel() * 4
+                grads.append(grad)
+                used += grad.numel()
+            # one multi-tensor kernel each on CUDA (a loop of per-tensor kernels on the CPU)
+            fp32_grads = [p.grad for p in chunk]
+            torch._foreach_copy_(fp32_grads, grads)
+            if clipping:
+                torch._foreach_mul_(fp32_grads, scale)
             optimizer.step()
             for parameter in chunk:
                 parameter.grad = None
+            torch._foreach_copy_([self.copies[id(p)] for p in chunk], [p.detach() for p in chunk])
+            self.synced.update((id(p), p._version) for p in chunk)
         return total_norm
 
     def close(self) -> None:

@@ -319,6 +319,29 @@ def test_a_launch_with_fewer_processes_than_ppo_num_processes_is_refused(tmp_pat
         make_accelerator(PPOConfig(num_processes=2, config_file=str(REPO / "configs/cpu-2proc.yaml")))
 
 
+@pytest.mark.parametrize("has_bf16_gemm", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(has_bf16_gemm: bool, monkeypatch, capsys) -> None:
+    from accelerate.state import AcceleratorState
+
+    from rlhf import lean_gpt2
+    from rlhf.config import Launch
+    from rlhf.distributed import make_accelerator
+
+    monkeypatch.setattr(lean_gpt2, "cpu_has_bf16_gemm", lambda: has_bf16_gemm)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        precision = make_accelerator(Launch(str(REPO / "configs/cpu-1proc.yaml"), 1, "bf16"), "ppo").mixed_precision
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert precision == "bf16"  # the parameter takes effect either way
+    warning = capsys.readouterr().err
+    if has_bf16_gemm:
+        assert "warning" not in warning
+    else:
+        assert warning.startswith("warning: ppo: launch.mixed_precision bf16 on a CPU without bf16 GEMM kernels")
+        assert "set launch.mixed_precision: no" in warning and warning.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------ memory options, in-process
 
 

@@ -162,8 +162,8 @@ def test_lean_decoder_draws_generates_tokens_and_records_their_log_probs(family:
 
 
 def test_narrow_models_decode_in_fp32_under_cpu_autocast() -> None:
-    """rlhf.sampling reads the width from config.hidden_size (Llama configs have no n_embd): a width below
-    CPU_BF16_DECODE_MIN_WIDTH decodes in fp32 under bf16 autocast, so it draws what it draws without autocast."""
+    """rlhf.sampling reads the width from config.hidden_size (Llama configs have no n_embd): rows × width below
+    CPU_BF16_DECODE_MIN_ELEMENTS decode in fp32 under bf16 autocast, so they draw what they draw without autocast."""
     model = tiny_model("llama")
     uniforms = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
     plain = sample(model, QUERY, (QUERY != PAD).long(), 6, 1.0, EOS, PAD, uniforms=uniforms)
@@ -239,3 +239,43 @@ def test_unsupported_models_take_the_hugging_face_path() -> None:
     assert not lean.supports(torch.nn.Linear(2, 2))
     drawn = sample(checkpointing.eval(), QUERY, (QUERY != PAD).long(), 4, 1.0, EOS, PAD)
     assert drawn.logprobs is None  # generate() sampled
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_prepacked_bf16_decoding_draws_what_plain_bf16_gemms_draw(family: str, monkeypatch) -> None:
+    """On a CPU with oneDNN bf16 kernels the decoder prepacks each projection once (rlhf.lean_gpt2.pack_linear);
+    the tokens, log-probs and hidden states are bitwise those of the bf16 GEMMs it replaces."""
+    from support import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+
+    from rlhf import lean_gpt2
+    from rlhf.sampling import lean_sample
+
+    if not lean_gpt2.packs_decoding_weights(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: the decoder does not prepack here")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=50)).eval() if family == "gpt2" else tiny_model(family)
+    uniforms = torch.rand(3, 6, generator=torch.Generator().manual_seed(3))
+
+    def draw():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lean_sample(
+                model,
+                QUERY,
+                (QUERY != PAD).long(),
+                uniforms=uniforms,
+                keep_hidden=True,
+                max_new_tokens=6,
+                temperature=1.0,
+                eos_token_id=EOS,
+                pad_token_id=PAD,
+            )
+
+    packed = draw()
+    cache = lean.empty_cache(model, 3, 8, torch.bfloat16, torch.device("cpu"))
+    assert (cache.packed if family == "gpt2" else cache.fused[0].packed) is not None
+    monkeypatch.setattr(lean_gpt2, "packs_decoding_weights", lambda dtype, device: False)
+    monkeypatch.setattr(lean_llama, "packs_decoding_weights", lambda dtype, device: False)
+    plain = draw()
+    assert torch.equal(packed.responses, plain.responses)
+    assert torch.equal(packed.logprobs, plain.logprobs) and torch.equal(packed.hidden, plain.hidden)
