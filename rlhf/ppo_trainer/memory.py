@@ -154,9 +154,10 @@ class Bf16Weights:
         total_norm = torch.linalg.vector_norm(torch.stack(norms).float()) if norms else torch.zeros(())
         scale = (max_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
         clipping = bool(scale < 1.0)
-        if pending and self.scratch is None:
-            largest = max(p.numel() for p in self.parameters)
-            self.scratch = torch.empty(max(self.chunk_bytes // 4, largest), device=self.parameters[0].device)
+        if pending and self.scratch is None:  # chunk_bytes of fp32, at least the largest parameter, at most all
+            sizes = [p.numel() for p in self.parameters]
+            elements = max(min(self.chunk_bytes // 4, sum(sizes)), max(sizes))
+            self.scratch = torch.empty(elements, device=self.parameters[0].device)
         while pending:
             chunk, grads, used = [], [], 0
             while pending and used + pending[0][0].numel() <= self.scratch.numel():
