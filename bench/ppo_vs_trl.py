@@ -348,7 +348,8 @@ def summarise(
     best = max((name for name in trials if name.startswith("ours")), key=eps.get)
     ours = trials[best]
     peak = peaks["bf16" if best == "ours_bf16" else "fp32"]
-    trl_rss = min(median(name, "peak_rss_mib") for name in trials if name.startswith("trl"))
+    trl_rss = min((median(name, "peak_rss_mib") for name in trials if name.startswith("trl")), default=None)
+    versus = lambda name: eps[best] / eps[name] if name in eps else None  # noqa: E731  (not every run has both TRLs)
     flops = statistics.median(
         iteration_flops(
             info, info["vocab"], args.batch, round(t["query_length"]), round(t["response_columns"]), args.ppo_epochs
@@ -363,15 +364,15 @@ def summarise(
     result = {
         "size": size,
         "parameters": info["parameters"],
-        "speedup_bound_vs_trl": peak / flops_per_episode / eps["trl"],
+        "speedup_bound_vs_trl": peak / flops_per_episode / eps["trl"] if "trl" in eps else None,
         "episodes_per_second": eps,
         "generated_tokens_per_second": tokens,
         "peak_rss_mib": {name: median(name, "peak_rss_mib") for name in trials},
         "ours": best,
-        "trl_precision": trials["trl"][0].get("mixed_precision"),
-        "speedup_vs_trl": eps[best] / eps["trl"],
-        "speedup_vs_trl_nogc": eps[best] / eps["trl_nogc"],
-        "rss_ratio": median(best, "peak_rss_mib") / trl_rss,  # against the leaner of the two TRL runs
+        "trl_precision": trials["trl"][0].get("mixed_precision") if "trl" in trials else None,
+        "speedup_vs_trl": versus("trl"),
+        "speedup_vs_trl_nogc": versus("trl_nogc"),
+        "rss_ratio": median(best, "peak_rss_mib") / trl_rss if trl_rss else None,  # against the leaner TRL run
         "model_flops_per_second": flops,
         "matmul_peak_flops_per_second": peak,
         "peak_fraction": flops / peak,
@@ -397,13 +398,13 @@ def markdown(results: list[dict]) -> str:
         "| peak fraction | of the best peak | speedup vs TRL at 100 % of peak |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cell = lambda value, digits=2: "–" if value is None else f"{value:.{digits}f}"  # noqa: E731
     for r in results:
         rows.append(
-            f"| {r['size']} | {r['ours']} | {r['speedup_vs_trl']:.2f} | {r['speedup_vs_trl_nogc']:.2f} | "
-            f"{r['rss_ratio']:.2f} | {r['model_flops_per_second'] / 1e12:.3f} | "
+            f"| {r['size']} | {r['ours']} | {cell(r['speedup_vs_trl'])} | {cell(r['speedup_vs_trl_nogc'])} | "
+            f"{cell(r['rss_ratio'])} | {r['model_flops_per_second'] / 1e12:.3f} | "
             f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} | {r['peak_fraction']:.2f} | "
-            f"{r['best_peak_fraction']:.2f} | "
-            f"{r['speedup_bound_vs_trl']:.1f} |"
+            f"{r['best_peak_fraction']:.2f} | {cell(r['speedup_bound_vs_trl'], 1)} |"
         )
     return "\n".join(rows)
 
@@ -463,12 +464,17 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({"machine": described, "matmul_peaks": peaks, "results": results}, indent=2))
     headline = results[-1]
+
+    def extreme(pick, key: str) -> float | None:  # over the sizes that measured it
+        values = [r[key] for r in results if r[key] is not None]
+        return round(pick(values), 3) if values else None
+
     print(
         json.dumps(
             {
-                "speedup_vs_trl": round(min(r["speedup_vs_trl"] for r in results), 3),
-                "speedup_vs_trl_nogc": round(min(r["speedup_vs_trl_nogc"] for r in results), 3),
-                "rss_ratio": round(max(r["rss_ratio"] for r in results), 3),
+                "speedup_vs_trl": extreme(min, "speedup_vs_trl"),
+                "speedup_vs_trl_nogc": extreme(min, "speedup_vs_trl_nogc"),
+                "rss_ratio": extreme(max, "rss_ratio"),
                 "peak_fraction": round(headline["peak_fraction"], 3),
                 "best_peak_fraction": round(headline["best_peak_fraction"], 3),
                 "device": args.device,
