@@ -6,7 +6,7 @@
     experience  steps 1–6: prompts, generate, truncate, score (old log-probs, reference, values, RM), advantages
     optimise    step 7: prepare_training (wrap for the launch) and optimise (K epochs of minibatch updates)
     losses      the policy's and the value model's loss on one micro-batch
-    memory      one-process paths that only lower peak memory: policy_then_critic_backward, Bf16Weights
+    memory      one-process paths: policy_then_critic_backward (memory), Bf16Weights (bf16 speed)
     processes   N processes: the accelerator, shards, gathers, token weights, FSDP's whole weights, export
     checks      the non-finite guards before and after each update
     resume      PPO's resume checkpoints on the shared manager (rlhf.checkpoint.ResumeCheckpoints)

@@ -1,13 +1,13 @@
-"""The paths that exist only to lower peak memory on one process; the update is the one of the joint backward.
-
-:func:`~rlhf.ppo_trainer.optimise.optimise` takes them when they apply, and only then:
+"""The single-process paths for memory and bf16 speed; the update is the one of the joint backward (in bf16, up to
+bf16 rounding). :func:`~rlhf.ppo_trainer.optimise.optimise` (and, for the rollout, ``roll_out``) takes them when they
+apply, and only then:
 
 - :func:`policy_then_critic_backward` (:func:`separate_backward_applies`: one process, lean policy + critic; the
   default single-process setup, fp32 or bf16) runs the policy's forward and backward, then the critic's, instead of
   one joint backward of :func:`~rlhf.ppo_trainer.losses.ppo_minibatch_loss`: the same gradients, bit for bit, with
   one model's activations alive at a time;
 - :class:`Bf16Weights` (:meth:`Bf16Weights.applies`: one process, bf16, no gradient accumulation, every parameter
-  trained) keeps bf16 copies of the fp32 master weights for the forwards and backwards.
+  trained) keeps bf16 copies of the fp32 master weights for every forward and backward, rollout included.
 
 With several processes neither applies: DDP's hooks expect one backward per micro-batch and keep the gradient dtype
 they were built with.
@@ -85,7 +85,8 @@ class Bf16Weights:
     before every forward; activations stay bf16 end to end (no per-op autocast casts, which under ``no_grad`` repeat
     for every decoded token); the fp32 gradients for AdamW's fused kernel are cast into one scratch buffer allocated
     once (a fresh multi-MiB tensor per parameter and step costs page faults on every use). A master changed from
-    outside (a resume checkpoint loaded into the parameters) bumps its version counter, and :meth:`compute` recasts it.
+    outside (a resume checkpoint loaded into the parameters) bumps its version counter, and :meth:`compute` recasts it
+    (a write through ``parameter.data`` bumps no counter: callers must not change the masters that way).
 
     One process and one micro-batch per step only: DDP's buckets keep the dtype they were built with, and
     accumulating gradients in bf16 would lose precision.
