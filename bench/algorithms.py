@@ -13,7 +13,8 @@ the ppo (seed + 4) and evaluate (seed + 5) streams here, since nothing upstream 
 Matched budget: every RL algorithm samples the same 60 × 128 episodes of at most 24 tokens (the table reports the
 tokens actually generated); DPO samples nothing while training: its budget is the preference data the reward model
 was trained on. ``--jobs 2`` runs two runs at a time on one thread each (the wall times are then per run, one core).
-Writes ``<workdir>/results.json`` and prints the markdown table of docs/algorithms.md.
+Writes ``<workdir>/results-<sweep>.json`` and ``machine-<sweep>.json`` (bench/machine.py) and prints the markdown
+table of docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+import machine  # noqa: E402
 from support import merge_params, stage_command  # noqa: E402  (dvc.yaml's commands and params, as the tests use them)
 
 UPSTREAM_STAGES = ("prepare", "sft", "sample_pairs", "label", "reward")
@@ -237,6 +240,9 @@ def main() -> None:
             runs = [r for r in results.get(name, []) if r.get("seed") != seed]
             results[name] = sorted([*runs, {"seed": seed, **result}], key=lambda r: r["seed"])
             results_path.write_text(json.dumps(results, indent=1))
+    described = machine.describe("cpu")
+    (args.workdir / f"machine-{args.sweep}.json").write_text(json.dumps(described, indent=1))
+    print(f"machine: {machine.one_line(described)}")
     print(summarise({name: results[name] for name in table if name in results}))
 
 

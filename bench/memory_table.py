@@ -27,6 +27,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import machine  # noqa: E402
 
 # (label, models held in memory, PPOConfig options)
 CONFIGURATIONS: list[tuple[str, str, dict]] = [
@@ -189,9 +192,11 @@ def main() -> None:
                 file=sys.stderr,
             )
     table = markdown_table(rows, parameters, args)
-    print(table)
+    described = machine.describe(args.device)
+    print(f"machine: {machine.one_line(described)}\n{table}")
     if args.out:
-        args.out.write_text(json.dumps({"parameters": parameters, "rows": rows, "table": table}, indent=2))
+        result = {"machine": described, "parameters": parameters, "rows": rows, "table": table}
+        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
