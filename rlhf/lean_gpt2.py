@@ -78,14 +78,14 @@ class PackedLinear:
 
 def cpu_has_bf16_gemm() -> bool:
     """Whether oneDNN has bf16 GEMM kernels on this CPU (AVX-512, AVX512-BF16 or AMX); without them bf16 matmuls take
-    a conversion path many times slower than fp32 (docs/performance.md § "bf16")."""
+    a conversion path many times slower than fp32 (docs/performance.md § "bf16 on the matrix units")."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packs_decoding_weights(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the decoder prepacks its weights: bf16 on a CPU whose oneDNN has bf16 kernels. A plain bf16 GEMM
     reorders the weight into oneDNN's blocked layout on every call, which at one-token shapes costs about as much as
-    the multiply; decoding reuses each weight for every token (measured: docs/performance.md § "bf16")."""
+    the multiply; decoding reuses each weight for every token (docs/performance.md § "bf16 on the matrix units")."""
     return dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_bf16_gemm()
 
 

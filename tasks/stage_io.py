@@ -304,8 +304,8 @@ def tune_malloc_for_training(mmap_threshold: int = 32 << 20, trim_threshold: int
     with mmap and trims the heap after frees, so their pages are faulted in and zeroed again every step. Blocks under
     32 MiB (glibc's largest allowed threshold: every activation and per-tensor gradient of the models this runs on a
     CPU) come from a heap that is trimmed once per iteration (:func:`release_free_heap`), not after every free.
-    A 1 MiB threshold still mmapped each 2–4 MiB weight gradient and GEMM output afresh: bf16 weight-gradient GEMMs
-    ran at about half speed (measurements: docs/performance.md). (M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1.)
+    A 1 MiB threshold still mmapped each 2–4 MiB weight gradient and GEMM output afresh, page faults included
+    (measurements: docs/performance.md). (M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1.)
     """
     try:
         libc = _libc()

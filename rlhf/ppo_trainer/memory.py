@@ -80,13 +80,14 @@ class Bf16Weights:
     2018; bf16 needs no loss scaling). Swaps ``parameter.data``, so the optimiser, its state and every caller see the
     same fp32 parameters outside :meth:`compute` / :meth:`master` and the module is fp32 again after :meth:`close`.
 
-    What makes it the fast path (docs/performance.md § "bf16"): the copies are cast once, when the optimiser has
-    moved a master (in :meth:`step`, right after each chunk's AdamW update while that chunk is still in cache), not
-    before every forward; activations stay bf16 end to end (no per-op autocast casts, which under ``no_grad`` repeat
-    for every decoded token); the fp32 gradients for AdamW's fused kernel are cast into one scratch buffer allocated
-    once (a fresh multi-MiB tensor per parameter and step costs page faults on every use). A master changed from
-    outside (a resume checkpoint loaded into the parameters) bumps its version counter, and :meth:`compute` recasts it
-    (a write through ``parameter.data`` bumps no counter: callers must not change the masters that way).
+    What makes it the fast path (docs/performance.md § "bf16 on the matrix units"): the copies are cast once, when
+    the optimiser has moved a master (in :meth:`step`, right after each chunk's AdamW update while that chunk is still
+    in cache), not before every forward; activations stay bf16 end to end (no per-op autocast casts, which under
+    ``no_grad`` repeat for every decoded token); the fp32 gradients for AdamW's fused kernel are cast into one scratch
+    buffer allocated once (a fresh multi-MiB tensor per parameter and step costs page faults on every use). A master
+    changed from outside (a resume checkpoint loaded into the parameters) bumps its version counter, and
+    :meth:`compute` recasts it (a write through ``parameter.data`` bumps no counter: callers must not change the
+    masters that way).
 
     One process and one micro-batch per step only: DDP's buckets keep the dtype they were built with, and
     accumulating gradients in bf16 would lose precision.
