@@ -112,14 +112,11 @@ class Bf16Weights:
 
     def compute(self, part: nn.Module | None = None) -> None:
         """Before a forward: the parameters (of ``part``, default all) hold their bf16 copies."""
-        for parameter in self.parameters if part is None else part.parameters():
-            key = id(parameter)
-            if key in self.masters:
-                continue
-            if parameter._version != self.synced[key]:  # changed in place since the last cast (e.g. a resume)
-                self._recast(parameter)
-            self.masters[key] = parameter.data
-            parameter.data = self.copies[key]
+        parameters = [p for p in (self.parameters if part is None else part.parameters()) if id(p) not in self.masters]
+        self._recast([p for p in parameters if p._version != self.synced[id(p)]])  # changed in place (e.g. a resume)
+        for parameter in parameters:
+            self.masters[id(parameter)] = parameter.data
+            parameter.data = self.copies[id(parameter)]
 
     def master(self, part: nn.Module | None = None) -> None:
         """After the backward: the parameters (of ``part``, default all) hold the fp32 masters again (their gradients
@@ -137,9 +134,11 @@ class Bf16Weights:
         finally:
             self.master(part)
 
-    def _recast(self, parameter: nn.Parameter) -> None:
-        self.copies[id(parameter)].copy_(parameter.detach())
-        self.synced[id(parameter)] = parameter._version
+    def _recast(self, parameters: list[nn.Parameter]) -> None:
+        """Recast the bf16 copies of ``parameters`` (holding their masters): one multi-tensor kernel on CUDA."""
+        if parameters:
+            torch._foreach_copy_([self.copies[id(p)] for p in parameters], [p.detach() for p in parameters])
+            self.synced.update((id(p), p._version) for p in parameters)
 
     def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm and step, then recast the moved masters' bf16 copies. The bf16 gradients
@@ -176,8 +175,7 @@ class Bf16Weights:
             optimizer.step()
             for parameter in chunk:
                 parameter.grad = None
-            torch._foreach_copy_([self.copies[id(p)] for p in chunk], [p.detach() for p in chunk])
-            self.synced.update((id(p), p._version) for p in chunk)
+            self._recast(chunk)
         return total_norm
 
     def close(self) -> None:
